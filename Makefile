@@ -1,20 +1,31 @@
-# The README's two commands: `make demo` and `make test`. Both create or refresh .venv first.
+# The README's two commands: `make demo` and `make test`. Both create or refresh .venv from the lock first.
+#
+# Installs are locked: requirements/lock.txt pins every package (torch included) for CPython 3.11 on
+# x86_64 Linux, compiled by pip-tools from pyproject.toml's ranges; requirements/torch.txt chooses the torch
+# build (the pair that lies on our build machines' disk). `make test-latest` tries the newest releases the
+# ranges allow in a scratch venv; `make lock` does the same and, when the tests pass there, writes the lock.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch and torchvision: this pair lies on the build machines' disk (pip takes it offline); override for GPUs
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+LATEST := .venv-latest
+LOCK := requirements/lock.txt
+TORCH_PINS := requirements/torch.txt
+PIP_SPEC := pip==26.3
 STAMP := $(VENV)/.installed
+COMPILE_FLAGS := --all-extras --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -c $(TORCH_PINS)
+export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow lint format bench clean
+.PHONY: install browser demo test test-slow test-latest lock lint format bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(PIP_SPEC)
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 install: $(STAMP)
@@ -35,6 +46,24 @@ browser:
 test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m slow
 
+# Drift check: a scratch venv with the newest releases pyproject.toml allows, then the fast tests there.
+# Run it at the start of every work session and before a release; what changed against the lock is printed.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q $(PIP_SPEC) pip-tools
+	$(LATEST)/bin/pip-compile -q --upgrade $(COMPILE_FLAGS) -o $(LATEST)/lock.txt pyproject.toml
+	$(LATEST)/bin/python -m pip install -q -r $(LATEST)/lock.txt
+	$(LATEST)/bin/python -m pip install -q --no-deps -e .
+	@echo "newest allowed releases against $(LOCK):"
+	@diff <(grep -E '^[a-zA-Z]' $(LOCK)) <(grep -E '^[a-zA-Z]' $(LATEST)/lock.txt) && echo "  (no change)" || true
+	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+# Re-lock to the newest allowed releases; the lock is written only when the fast tests pass on it.
+lock: test-latest
+	cp $(LATEST)/lock.txt $(LOCK)
+	@echo "wrote $(LOCK); run make test-slow on it before committing"
+
 lint: test
 
 format: $(STAMP)
@@ -45,4 +74,4 @@ bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache src/*.egg-info

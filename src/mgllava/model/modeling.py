@@ -18,13 +18,12 @@ features are averaged in float32 and then cast (the reference casts before the 5
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MGLlavaConfig
 from .encoders import HighResEncoder, LowResEncoder
@@ -35,14 +34,10 @@ from .objects import pool_object_features
 from .projector import build_projector
 
 
-@dataclass
-class MGLlavaCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
+class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
+    """transformers' multimodal causal-LM output: `loss`, `logits`, `cache`, `hidden_states`, `attentions`,
+    and `image_outputs` (`last_hidden_state` = the (B_img, 576, H) image rows, `pooler_output` = one
+    (576 + n_i, H) tensor of visual rows per image), as `LlavaForConditionalGeneration` declares it."""
 
 
 def _param_of(module: nn.Module) -> torch.Tensor:
@@ -62,7 +57,6 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -179,8 +173,8 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), features)
 
-    def _check_no_placeholders(self, input_ids: torch.Tensor | None, past_key_values: Cache | None) -> None:
-        if input_ids is None or past_key_values is not None:
+    def _check_no_placeholders(self, input_ids: torch.Tensor | None, cache: Cache | None) -> None:
+        if input_ids is None or cache is not None:
             return
         n = int((input_ids == self.config.image_token_id).sum())
         if n:
@@ -212,6 +206,7 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         return sum(t.float().sum() for t in terms).to(like.dtype) * 0.0
 
     # -- forward ------------------------------------------------------------------------------------------
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -221,7 +216,7 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         object_counts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -243,14 +238,14 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         if image_out is not None:
             inputs_embeds = self._scatter_visual_rows(input_ids, inputs_embeds, list(image_out.pooler_output))
         else:
-            self._check_no_placeholders(input_ids, past_key_values)
+            self._check_no_placeholders(input_ids, cache)
             if self.training and torch.is_grad_enabled():
                 inputs_embeds = inputs_embeds + self._visual_graph_anchor(inputs_embeds)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
@@ -259,8 +254,8 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         return MGLlavaCausalLMOutput(
             loss=out.loss,
             logits=out.logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
-            image_hidden_states=image_out.last_hidden_state if image_out is not None else None,
+            image_outputs=image_out,
         )
