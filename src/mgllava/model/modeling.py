@@ -40,6 +40,15 @@ class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
     (576 + n_i, H) tensor of visual rows per image), as `LlavaForConditionalGeneration` declares it."""
 
 
+# The top-level modules, in data-flow order. The pretrained parts come from released checkpoints, the new
+# ones are MG-LLaVA's own. A variant builds a subset (no `box_projector` when object tokens are off);
+# training stages name these (or the group `new_modules`), and the model refuses a module not listed here.
+MODULES = ("vision_tower", "high_res_tower", "fusion", "projector", "box_projector", "object_mixer",
+           "language_model")  # fmt: skip
+PRETRAINED_MODULES = ("vision_tower", "high_res_tower", "language_model")
+NEW_MODULES = tuple(m for m in MODULES if m not in PRETRAINED_MODULES)
+
+
 def _param_of(module: nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
@@ -70,6 +79,10 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
 
 
 class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
+    MODULES = MODULES
+    PRETRAINED_MODULES = PRETRAINED_MODULES
+    NEW_MODULES = NEW_MODULES
+
     def __init__(self, config: MGLlavaConfig) -> None:
         super().__init__(config)
         hidden = config.text_config.hidden_size
@@ -87,7 +100,15 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         )
         self.object_mixer = ObjectMixer(config.object_tokens, hidden)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        undeclared = [name for name, _ in self.named_children() if name not in self.MODULES]
+        if undeclared:
+            raise TypeError(f"modules {undeclared} are not declared in mgllava.model.modeling.MODULES")
         self.post_init()
+
+    def new_modules(self) -> list[str]:
+        """The names of this variant's own (non-pretrained) modules that have parameters."""
+        children = dict(self.named_children())
+        return [n for n in self.NEW_MODULES if n in children and any(True for _ in children[n].parameters())]
 
     # -- embeddings delegate to the LLM -------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TRAINABLE = ("vision_tower", "high_res_tower", "fusion", "projector", "box_projector", "language_model")
+from ..model.modeling import MODULES
+
+NEW_MODULES_GROUP = "new_modules"  # every module of MG-LLaVA's own that the variant has (train.stages)
+TRAINABLE = (NEW_MODULES_GROUP, *MODULES)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class LoraSettings:
 @dataclass
 class StageConfig:
     name: str
-    trainable: list[str]
+    trainable: list[str]  # top-level modules of the model, or `new_modules` (see train.stages)
     lr: float
     global_batch_size: int
     per_device_batch_size: int
