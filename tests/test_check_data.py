@@ -66,3 +66,19 @@ def test_training_leaves_out_checked_bad_samples_and_replaces_others(tmp_path):
     assert main(["train", "tiny-stage1", src, f"output_dir={run}", "stage.global_batch_size=16",
                  "stage.per_device_batch_size=4", "max_steps=1"]) == 0  # fmt: skip
     assert sum(r["replaced"] for r in read_jsonl(run / "metrics.jsonl")) == 6
+
+
+def test_check_data_builds_the_processor_only(tmp_path, monkeypatch):
+    """A paper preset's model would take tens of GB: check-data must never build it."""
+    from mgllava.model.modeling import MGLlavaForConditionalGeneration
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check-data built a model")
+
+    monkeypatch.setattr(MGLlavaForConditionalGeneration, "__init__", refuse)
+    files = synth.write_dataset(tmp_path / "d", n=4)
+    out = tmp_path / "report"
+    code = main(["check-data", "tiny-stage1", synth.source_override(files), f"output_dir={tmp_path}/run",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "check_summary.json").read_text())["samples"] == 4

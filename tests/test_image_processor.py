@@ -11,7 +11,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from mgllava.boxes import Boxes
 from mgllava.data.image_processor import CLIP_MEAN, MGLlavaImageProcessor
-from mgllava.data.images import ImageError, load_image
+from mgllava.media.images import ImageError, load_image
 
 
 def random_image(width, height, mode="RGB", seed=0):

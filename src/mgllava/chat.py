@@ -19,9 +19,8 @@ from typing import Any, TextIO
 
 from PIL import Image
 
-from .data.images import ImageError, load_image
-from .data.video import NUM_FRAMES, as_frames
 from .inference import ChatResult, Engine, EngineInputError, GenerationSettings, VisualBoxes
+from .media.images import ImageError, load_image
 
 HELP = (
     "type a question and press enter; commands: /image FILE (attach to your next message), "
@@ -60,9 +59,8 @@ class ChatSession:
     def _load(self, path: str | Path) -> Image.Image:
         return load_image(path, self.engine.max_image_pixels)
 
-    @staticmethod
-    def _load_video(path: str | Path) -> list[Image.Image]:
-        return as_frames(path, NUM_FRAMES)
+    def _load_video(self, path: str | Path) -> list[Image.Image]:
+        return self.engine.processor.image_processor.frames(path)
 
     def attach(self, path: str | Path) -> None:
         """Attach an image to the next message (raises `ImageError` naming the file)."""

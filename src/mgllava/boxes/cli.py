@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS
+from ..media.images import DEFAULT_MAX_PIXELS
 from ..utils import dist
 from ..utils.io import atomic_write_json, atomic_write_text
 

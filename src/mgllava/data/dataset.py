@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from ..boxes.files import BoxIndex
-from ..train.config import DataConfig, DataSource
+from ..config import from_dict, read_yaml
+from ..media.images import ImageError
+from ..media.video import VideoError
 from ..utils.io import JsonlError, read_jsonl
-from .images import ImageError
+from .config import DataConfig, DataSource
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
-from .video import VideoError
 
 
 class SampleError(ValueError):
@@ -95,8 +96,6 @@ def load_samples(config: DataConfig, seed: int = 0) -> list[Sample]:
     """All samples of the config's sources (and its mixture file), in source order."""
     sources = list(config.sources)
     if config.mixture:
-        from ..config import from_dict, read_yaml
-
         mixture = from_dict(DataConfig, read_yaml(config.mixture, "data"), "mixture")
         sources += mixture.sources
     if not sources:
@@ -121,10 +120,9 @@ def resolve_under(root: str | None, relative: str, sample_id: str) -> Path:
 class LlavaDataset(torch.utils.data.Dataset):
     """Encodes samples with the processor; failures raise `SampleError` (see `SafeDataset`)."""
 
-    def __init__(self, samples: list[Sample], processor: Any, num_frames: int = 8) -> None:
+    def __init__(self, samples: list[Sample], processor: Any) -> None:
         self.samples = samples
         self.processor = processor
-        self.num_frames = num_frames
 
     def __len__(self) -> int:
         return len(self.samples)

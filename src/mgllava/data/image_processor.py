@@ -28,8 +28,9 @@ from transformers import BaseImageProcessor, BatchFeature
 
 from ..boxes.select import BoxOptions, FrameMap, prepare_boxes
 from ..boxes.types import Boxes
-from .images import DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
-from .video import NUM_FRAMES, as_frames, frame_box_transform, frame_pixels
+from ..media.images import DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
+from ..media.video import as_frames
+from .video import frame_box_transform, frame_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,6 +64,7 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         box_per_label: int | None = None,
         box_empty_fallback: bool = True,
         invalid_boxes: str = "drop",
+        num_frames: int = 8,
         proposer: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -80,6 +82,9 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         self.box_per_label = box_per_label
         self.box_empty_fallback = bool(box_empty_fallback)
         self.invalid_boxes = invalid_boxes
+        if int(num_frames) < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.num_frames = int(num_frames)  # frames sampled per video (SPEC section 8: 8)
         self.proposer = proposer
         _ = self.box_options  # validates the box settings now rather than at the first image
 
@@ -141,11 +146,13 @@ class MGLlavaImageProcessor(BaseImageProcessor):
             data["object_counts"] = torch.tensor([len(b) for b in framed], dtype=torch.long)
         return data
 
-    def video(
-        self, video: Any, boxes: list[Any] | None = None, num_frames: int = NUM_FRAMES
-    ) -> dict[str, Any]:
+    def frames(self, video: Any) -> list[Any]:
+        """A video (file path, PIL frames or a (T, H, W, 3) uint8 array) -> its `num_frames` RGB frames."""
+        return as_frames(video, self.num_frames)
+
+    def video(self, video: Any, boxes: list[Any] | None = None) -> dict[str, Any]:
         """One video -> per-frame tensors (T rows each) and per-frame boxes (`boxes[t]` in frame t's pixels)."""
-        frames = as_frames(video, num_frames)
+        frames = self.frames(video)
         if boxes is not None and len(boxes) != len(frames):
             raise ValueError(f"got boxes for {len(boxes)} frames but the video gives {len(frames)} frames")
         low = frame_pixels(frames, self.low_res_size, self.image_mean, self.image_std)

@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from ..boxes.files import BoxIndex, sha256_bytes, sha256_file
 from ..boxes.types import Boxes
-from ..data.images import ImageError, load_image
 from ..data.templates import get_template
-from ..data.video import VideoError, as_frames
+from ..media.images import ImageError, load_image
+from ..media.video import VideoError, as_frames
 from ..utils import dist
 from ..utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from .benchmarks import Benchmark, EvalOptions, get_benchmark
@@ -88,7 +88,7 @@ def prepare(sample: Sample, index: BoxIndex | None) -> Prepared:
     """Decode the sample's image or video; raises ValueError / FileNotFoundError naming the input."""
     if sample.video is not None:
         path = find_video(sample.video)
-        frames = as_frames(path)
+        frames = as_frames(path, 8)
         boxes = index.frames_for(id=sample.box_id, video=Path(path).name) if index is not None else None
         if boxes is not None and len(boxes) != len(frames):
             raise ValueError(

@@ -38,9 +38,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..boxes import Boxes, FrameMap, prepare_boxes
 from ..boxes.select import without_fallback
-from ..data.images import ImageError, ImageTooLarge, load_image
 from ..data.processor import images_in_messages
-from ..data.video import NUM_FRAMES, VideoError, as_frames, frame_box_transform
+from ..data.video import frame_box_transform
+from ..media.images import ImageError, ImageTooLarge, load_image
+from ..media.video import VideoError
 from ..model.loading import configure_generation
 from .cache import LRUCache, digest
 from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback
@@ -305,7 +306,7 @@ class Engine:
                 raise EngineInputError("video_boxes given without a video", "video_boxes")
             return [], [], []
         try:
-            frames = as_frames(video, NUM_FRAMES)
+            frames = self.processor.image_processor.frames(video)
         except VideoError as err:
             raise EngineInputError(str(err), "video", "invalid_video") from err
         if video_boxes is not None and len(video_boxes) != len(frames):

@@ -24,10 +24,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any, Literal
 
-import yaml
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from ..config import read_yaml
 
 FUSIONS = ("none", "conv_gate", "concat", "patch_info_mining", "resampler")
 OBJECT_TOKENS = ("off", "concat", "cross_attn_f2b", "cross_attn_b2f")
@@ -56,11 +57,11 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The raw preset dict (`model` and `processor` sections) of `mgllava/configs/models/<name>.yaml`."""
-    path = resources.files("mgllava") / "configs" / "models" / f"{name}.yaml"
-    if not path.is_file():
+    """The raw preset dict (`model` and `processor` sections) of `mgllava/configs/models/<name>.yaml`, read
+    with the project's YAML rules (`mgllava.config`: `off` stays a string, `base:` chains merge)."""
+    if name not in preset_names():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    return yaml.safe_load(path.read_text())
+    return read_yaml(name, "models")
 
 
 def low_res_grid(vision_config: PreTrainedConfig) -> int:

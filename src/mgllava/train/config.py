@@ -10,35 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..data.config import DataConfig
 from ..model.modeling import MODULES
 
 NEW_MODULES_GROUP = "new_modules"  # every module of MG-LLaVA's own that the variant has (train.stages)
 TRAINABLE = (NEW_MODULES_GROUP, *MODULES)
-
-
-@dataclass
-class DataSource:
-    path: str  # LLaVA JSON or JSONL: records with id, image | video | neither, conversations
-    image_root: str | None = None
-    video_root: str | None = None
-    boxes: str | None = None  # box file: ours (.jsonl) or the reference's (.json)
-    sample: str = "all"  # all | first:N | random:N
-
-    def __post_init__(self) -> None:
-        rule, _, n = self.sample.partition(":")
-        if rule == "all" and not n:
-            return
-        if rule not in ("first", "random") or not n.isdigit():
-            raise ValueError(f"sample rule {self.sample!r}: expected all, first:N or random:N")
-
-
-@dataclass
-class DataConfig:
-    sources: list[DataSource] = field(default_factory=list)
-    mixture: str | None = None  # a YAML file with `sources:`; its sources are added to the ones above
-    num_frames: int = 8
-    skip: str | None = None  # bad_samples.jsonl written by `mgllava check-data`: those samples are left out
-    num_workers: int = 0
 
 
 @dataclass
