@@ -82,3 +82,12 @@ def test_check_data_builds_the_processor_only(tmp_path, monkeypatch):
                  "--out", str(out)])  # fmt: skip
     assert code == 0
     assert json.loads((out / "check_summary.json").read_text())["samples"] == 4
+
+
+def test_training_counts_images_without_boxes_per_step(tmp_path):
+    files = synth.write_dataset(tmp_path / "d", n=8)
+    lines = files["boxes"].read_text().splitlines()
+    files["boxes"].write_text("\n".join(lines[:5]) + "\n")  # 3 of the 8 images lose their boxes
+    run = tmp_path / "run"
+    assert main(["train", "tiny-stage1", synth.source_override(files), f"output_dir={run}"]) == 0
+    assert sum(r["boxes_missing"] for r in read_jsonl(run / "metrics.jsonl")) == 3

@@ -59,9 +59,7 @@ def _engine(args: argparse.Namespace, **options):
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     proposer = boxes_cli.proposer_from_args(args, args.device)
-    return Engine.from_pretrained(
-        args.model, dtype=dtype, device=args.device, proposer=proposer.one if proposer else None, **options
-    )
+    return Engine.from_pretrained(args.model, dtype=dtype, device=args.device, proposer=proposer, **options)
 
 
 def _settings(args: argparse.Namespace):
@@ -71,9 +69,9 @@ def _settings(args: argparse.Namespace):
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession, answer_once, boxes_for_images, repl
+    from .chat import ChatSession, answer_once, parse_boxes, repl
 
-    boxes = boxes_for_images(args.image, args.boxes, args.box_file)
+    boxes = parse_boxes(args.boxes)
     session = ChatSession(_engine(args), args.image, args.video, _settings(args), boxes)
     if args.prompt is not None:
         return answer_once(session, args.prompt, sys.stdout, args.show_boxes)
@@ -118,9 +116,6 @@ def _add_chat(sub) -> None:
     chat.add_argument("--prompt", help="answer this one question and exit (for scripts)")
     chat.add_argument("--show-boxes", action="store_true", help="print the tags and boxes the model saw")
     chat.add_argument("--boxes", help="JSON: one list of [x1, y1, x2, y2] per --image, in its pixels")
-    chat.add_argument(
-        "--box-file", help="a box file (ours or the reference's) to take the images' boxes from"
-    )
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--top-p", type=float, default=1.0)

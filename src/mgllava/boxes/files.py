@@ -130,6 +130,7 @@ class BoxIndex:
         self.by_id: dict[str, BoxRecord] = {}
         self.by_image: dict[str, BoxRecord] = {}
         self.by_hash: dict[str, BoxRecord] = {}
+        self.by_video: dict[str, BoxRecord] = {}
         for record in self.records:
             self._add(record)
 
@@ -139,7 +140,11 @@ class BoxIndex:
             if old is not None and not _same_content(old, record):
                 raise ValueError(f"box file: id {rid!r} appears twice with different boxes")
             self.by_id.setdefault(rid, record)
-        for key, table in ((record.image, self.by_image), (record.sha256, self.by_hash)):
+        for key, table in (
+            (record.image, self.by_image),
+            (record.sha256, self.by_hash),
+            (record.video, self.by_video),
+        ):
             if key:
                 table.setdefault(key, record)
 

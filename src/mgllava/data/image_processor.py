@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BaseImageProcessor, BatchFeature
 
-from ..boxes.select import BoxOptions, FrameMap, prepare_boxes
+from ..boxes.select import BoxOptions, FrameMap, prepare_boxes, without_fallback
 from ..boxes.types import Boxes
 from ..media.images import DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
 from ..media.video import as_frames
@@ -132,10 +132,29 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         )[0]  # (3, S_lo, S_lo)
         return low, high
 
-    def boxes_for(self, boxes: Any, width: int, height: int, name: str = "boxes") -> Boxes:
+    def frame_map(self, width: int, height: int, video: bool = False) -> FrameMap:
+        """How a W x H image's pixels map into the high-res frame: square-padded (images) or short side
+        scaled and centre-cropped (video frames)."""
+        if video:
+            return FrameMap.cropped(
+                *frame_box_transform(width, height, self.high_res_size), self.high_res_size
+            )
+        return FrameMap.padded(width, height, self.high_res_size)
+
+    def boxes_for(
+        self, boxes: Any, width: int, height: int, name: str = "boxes", video: bool = False
+    ) -> Boxes:
         """Boxes in original pixels of a W x H image -> the model's high-res frame (see `boxes.select`)."""
-        frame = FrameMap.padded(width, height, self.high_res_size)
+        frame = self.frame_map(width, height, video)
         return prepare_boxes(Boxes.from_any(boxes, (width, height)), frame, self.box_options, name)
+
+    def used_boxes(self, boxes: Any, width: int, height: int, video: bool = False) -> Boxes:
+        """The boxes that become object tokens (selected as `boxes_for` selects them, without the zero-box
+        fallback), mapped back into the W x H image's pixels: what a user is shown of what the model saw."""
+        if boxes is None:
+            return Boxes.empty((width, height))
+        framed = without_fallback(self.boxes_for(boxes, width, height, video=video))
+        return self.frame_map(width, height, video).to_original(framed, (width, height))
 
     def _batch(
         self, lows: list[torch.Tensor], highs: list[torch.Tensor], framed: list[Boxes]
@@ -160,10 +179,8 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         framed = []
         if self.use_object_tokens:
             for t, frame in enumerate(frames):
-                scale, dx, dy = frame_box_transform(*frame.size, self.high_res_size)
-                mapping = FrameMap.cropped(scale, dx, dy, self.high_res_size)
-                raw = Boxes.from_any(None if boxes is None else boxes[t], frame.size)
-                framed.append(prepare_boxes(raw, mapping, self.box_options, f"boxes of video frame {t}"))
+                raw = None if boxes is None else boxes[t]
+                framed.append(self.boxes_for(raw, *frame.size, f"boxes of video frame {t}", video=True))
         return self._batch([low], [high], framed)
 
     def preprocess(

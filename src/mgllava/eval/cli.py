@@ -59,6 +59,12 @@ def register(sub: Any) -> None:
     ev.add_argument("--images", help="folder of the images or videos the data file names")
     ev.add_argument("--boxes", help="box file (our JSONL or the reference's JSON); default: no boxes")
     ev.add_argument(
+        "--max-missing-boxes",
+        type=float,
+        default=0.0,
+        help="share of samples allowed to find no boxes in --boxes before the run is refused (default 0)",
+    )
+    ev.add_argument(
         "--annotations",
         help="ground truth in its own file: VQAv2 annotations, TextVQA JSON "
         "for a LLaVA question file, Video-ChatGPT test_a.json",

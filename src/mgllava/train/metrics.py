@@ -1,5 +1,6 @@
 """What a training run reports per step: `metrics.jsonl` and TensorBoard (`<output_dir>/tensorboard`), both
-on rank 0, and the step record they hold (loss, lr, grad norm, throughput, memory, replaced samples).
+on rank 0, and the step record they hold (loss, lr, grad norm, throughput, memory, replaced samples, and
+images whose box file lacks them: they train on the zero-box fallback row).
 
 On resume the lines after the checkpoint's step are dropped (those steps run again) and TensorBoard purges
 them, so a resumed run's files equal an uninterrupted run's.
@@ -18,7 +19,16 @@ import torch
 from ..utils.io import JsonlWriter, atomic_write_text, read_jsonl
 
 logger = logging.getLogger(__name__)
-SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "memory_mb", "replaced")
+SCALARS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "samples_per_s",
+    "memory_mb",
+    "replaced",
+    "boxes_missing",
+)
 
 
 def memory_mb(device: torch.device) -> float:
@@ -34,7 +44,7 @@ def step_record(
     return {
         "step": step, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
         "tokens_per_s": stats["tokens"] / elapsed, "samples_per_s": samples / elapsed,
-        "memory_mb": memory_mb(device), "replaced": stats["replaced"],
+        "memory_mb": memory_mb(device), "replaced": stats["replaced"], "boxes_missing": stats["boxes_missing"],
     }  # fmt: skip
 
 

@@ -118,6 +118,7 @@ class Trainer:
         batch = self.processor.collate(items, padding_side="right")
         batch["ids"] = [item["id"] for item in items]
         batch["replaced"] = [r for item in items for r in item["replaced"]]
+        batch["boxes_missing"] = sum(item["boxes_missing"] for item in items)
         return batch
 
     def _autocast(self):
@@ -134,6 +135,7 @@ class Trainer:
                 ),  # supervised tokens (after shift)
                 sum(int(m["attention_mask"].sum()) for m in micro),  # tokens processed
                 sum(len(m["replaced"]) for m in micro),  # unusable samples replaced
+                sum(m["boxes_missing"] for m in micro),  # images the box file lacks (zero-box fallback)
             ],
             dtype=torch.float64,
         )
@@ -159,6 +161,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens": int(counts[1]),
             "replaced": int(counts[2]),
+            "boxes_missing": int(counts[3]),
         }
 
     def check_finite(self, stats: dict[str, Any], micro: list[dict[str, Any]]) -> None:
@@ -190,6 +193,9 @@ class Trainer:
             elapsed, start = time.perf_counter() - start, time.perf_counter()
             for reason in (r for m in micro for r in m["replaced"]):
                 logger.warning("replaced an unusable sample: %s", reason)
+            if stats["boxes_missing"]:
+                logger.warning("step %d: %d images have no boxes in their box file (zero-box fallback)",
+                               self.step, stats["boxes_missing"])  # fmt: skip
             epoch = (self.step - 1) // self.plan.steps_per_epoch
             record = step_record(
                 self.step, epoch, stats, self.config.stage.global_batch_size, elapsed, self.device
