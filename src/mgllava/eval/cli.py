@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..utils.dtypes import DTYPES
 from .benchmarks import BENCHMARKS, EvalOptions
 from .metrics import CHOICE_RULES
 from .short_answer import SHORT_METRICS
@@ -84,7 +85,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--out", help="output folder (default runs/eval/<benchmark>)")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, help="default: 100 (images), 50 (video)")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="auto", choices=list(DTYPES))
     ev.add_argument("--device", help="default: this rank's GPU, else CPU")
     ev.add_argument("--judge-url", help="OpenAI-compatible base URL of the video QA judge")
     ev.add_argument("--judge-model", default="gpt-3.5-turbo")

@@ -44,6 +44,7 @@ from ..data.processor import images_in_messages
 from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
 from ..model.loading import configure_generation
+from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
 from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback
 
@@ -51,18 +52,6 @@ logger = logging.getLogger(__name__)
 ORIGINS = {"box_file": "box_file", "detector": "proposer", "missing": "missing"}  # Proposal.source -> report
 
 FRAME_KEYS = ("pixel_values", "high_res_pixel_values", "object_boxes", "object_counts")
-
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    """A dtype given by name (`DTYPES`) or as a torch dtype; None means as saved."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 class EngineInputError(ValueError):
@@ -199,7 +188,7 @@ class Engine:
         **options: Any,
     ) -> Engine:
         """An engine over a saved MG-LLaVA folder (`mgllava assemble` / `write_folder` output). `dtype`: a
-        torch dtype or one of `DTYPES`' names; None or "auto": as saved."""
+        torch dtype or a name of `utils.dtypes.DTYPES`; None or "auto": as saved."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from ..model.modeling import MGLlavaForConditionalGeneration
