@@ -14,12 +14,12 @@ from PIL import Image
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.cli import main
+from mgllava.convert.folder import configure_generation, write_folder
 from mgllava.eval import EvalOptions, run_eval
 from mgllava.eval.easy_vqa import convert_easy_vqa
 from mgllava.eval.judge import SYSTEM_PROMPT
 from mgllava.eval.metrics import evalai_normalize
 from mgllava.eval.runner import load_generator
-from mgllava.model.loading import configure_generation, write_folder
 
 from . import eval_formats as fmt
 

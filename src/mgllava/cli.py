@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    from .model.loading import assemble, write_folder
+    from .convert import assemble, write_folder
 
     model, processor = assemble(
         clip=args.clip,

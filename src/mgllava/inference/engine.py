@@ -40,10 +40,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..boxes import Boxes, BoxProposer
 from ..boxes.lookup import ImageKey
+from ..convert.folder import configure_generation
 from ..data.processor import images_in_messages
 from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
-from ..model.loading import configure_generation
 from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
 from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback

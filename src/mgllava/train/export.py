@@ -10,7 +10,7 @@ import torch
 from transformers.initialization import no_init_weights
 
 from ..config import to_dict
-from ..model.loading import write_folder
+from ..convert.folder import write_folder
 from ..model.modeling import MGLlavaForConditionalGeneration
 from ..utils import dist
 from ..utils.io import atomic_write_json
