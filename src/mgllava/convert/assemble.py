@@ -1,10 +1,10 @@
-"""Assemble MG-LLaVA from the real released formats, accounting for every key (SPEC sections 3 and 10).
+"""Assemble MG-LLaVA from the real released formats, accounting for every key (docs/design.md sections 3 and 10).
 
 - Low-res tower: an HF CLIP folder (`openai/clip-vit-large-patch14-336`: a full `CLIPModel`; its text tower,
   projections and `logit_scale` are known-unused and reported, anything else unexpected is an error).
 - High-res tower: an OpenCLIP checkpoint (`open_clip_pytorch_model.bin` or `open_clip_model.safetensors`
   of `laion/CLIP-convnext_large_d_320...`); `visual.trunk.{stem,stages}.*` are renamed onto transformers'
-  ConvNeXt modules (SPEC section 3), the sizes are read from the tensors; the trunk head, `norm_pre`, the
+  ConvNeXt modules (docs/design.md section 3), the sizes are read from the tensors; the trunk head, `norm_pre`, the
   projection head and the text tower are known-unused.
 - LLM: an HF causal-LM folder (weights, config, tokenizer).
 - Optionally a reference `.pth` (XTuner) holding `projector.*`, `bbox_projector.*`, `fuse_module.*` and

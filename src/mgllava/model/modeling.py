@@ -1,4 +1,4 @@
-"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (SPEC sections 1, 5, 6).
+"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (docs/design.md sections 1, 5, 6).
 
     pixel_values (B_img,3,336,336) ──► vision_tower ──► L (B_img,576,C_lo) ─┐
     high_res_pixel_values (B_img,3,768,768) ──► high_res_tower ──► S_0..S_3 ├► fusion ─► F (B_img,576,C_lo)
@@ -11,7 +11,7 @@ model fills them in order; a count mismatch is an error naming both numbers. `ge
 one `(576 + n_i, H)` tensor per image, so transformers' `generate` encodes the images once before prefill
 (`mm_encoder_outputs`) and callers may pass pre-computed features to reuse them across turns.
 
-Deviations from the reference (SPEC section 11): real attention masks and position ids for padded
+Deviations from the reference (docs/design.md section 11): real attention masks and position ids for padded
 batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200. RoI
 features are averaged in float32 and then cast (the reference casts before the 56x56 mean).
 """
@@ -73,7 +73,7 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if hasattr(module, "init_rule"):
-            init_leaf(module)  # Conv-Gate layers: SPEC section 4 init, identity at start
+            init_leaf(module)  # Conv-Gate layers: docs/design.md section 4 init, identity at start
         else:
             super()._init_weights(module)
 
