@@ -1,0 +1,120 @@
+"""How MG-LLaVA's prefill grows with object boxes (0, 10, 50, 100) and with video frames (1, 4, 8).
+
+The model of `bench/models.py` (full vision size, Vicuna-7B-width LLM cut to 2 layers, fp32, random
+weights), 40 text tokens, a plain forward (logits at every position, as in bench_prefill.py). Video frames
+each go through the whole image path with their own `--frame-boxes` boxes and their rows follow each other
+(SPEC section 8). Prints time (best of `--rounds` for boxes; one run per frame count, the larger ones cost
+tens of seconds), FLOPs from `bench/flops.py`, GFLOP/s against the measured fp32 matmul peak, time per
+part, and a least-squares line through the points with its largest deviation: the growth law.
+
+    .venv/bin/python bench/bench_scaling.py [--quick] [--boxes 0 10 50 100] [--frames 1 4 8] [--record out.json]
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import Record, arguments, gflops, measure_machine, ms, pct
+from flops import PrefillShape, mgllava_flops, sequence_length
+from models import PartTimer, bench_config, build_ours, describe, ours_parts, prefill_inputs
+
+
+def run(model, batch, timer: PartTimer) -> tuple[float, dict[str, float]]:
+    timer.take()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(**batch)
+    seconds = time.perf_counter() - start
+    parts = timer.take()
+    parts["rest"] = seconds - sum(parts.values())
+    return seconds, parts
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least-squares line y = a + b x: (a, b, largest |residual| / y)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    a = my - b * mx
+    worst = max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys, strict=True))
+    return a, b, worst
+
+
+def sweep(
+    model, config, shapes: list[PrefillShape], rounds: int, timer: PartTimer, peak: float
+) -> list[dict]:
+    """Time each shape (interleaved over `rounds`); one dict per shape with its best run."""
+    batches = [prefill_inputs(config, s)[0] for s in shapes]
+    best: list[tuple[float, dict[str, float]] | None] = [None] * len(shapes)
+    for r in range(rounds):
+        for i in range(len(shapes)) if r % 2 == 0 else reversed(range(len(shapes))):
+            got = run(model, batches[i], timer)
+            if best[i] is None or got[0] < best[i][0]:
+                best[i] = got
+    out = []
+    for shape, (seconds, parts) in zip(shapes, best, strict=True):
+        flops = sum(mgllava_flops(config, shape).values())
+        out.append({"shape": shape, "seconds": seconds, "parts": parts, "flops": flops,
+                    "tokens": sequence_length(config, shape), "rate": gflops(flops, seconds) / peak})  # fmt: skip
+    return out
+
+
+def table(record: Record, label: str, key, points: list[dict]) -> None:
+    names = list(points[0]["parts"])
+    record.table([label, "LLM tokens", "TFLOP", "s", "of fp32 peak", *[f"{n} s" for n in names]],
+                 [[key(p["shape"]), p["tokens"], f"{p['flops'] / 1e12:.3f}", f"{p['seconds']:.2f}", pct(p["rate"]),
+                   *[f"{p['parts'][n]:.2f}" for n in names]] for p in points])  # fmt: skip
+
+
+def law(record: Record, what: str, unit: str, xs: list[int], points: list[dict]) -> None:
+    a, b, worst = fit([float(x) for x in xs], [p["seconds"] for p in points])
+    fa, fb, fworst = fit([float(x) for x in xs], [p["flops"] / 1e9 for p in points])
+    record.values[what] = {"x": xs, "seconds": [p["seconds"] for p in points], "flops": [p["flops"] for p in points],
+                           "intercept_s": a, "slope_s": b, "worst_fit": worst}  # fmt: skip
+    record.line(f"Growth with {what}: time = {a:.2f} s + {ms(b)} ms per {unit} (a line through the points, off by at "
+                f"most {worst:.1%}); FLOPs = {fa:.0f} + {fb:.1f} GFLOP per {unit} (off by at most {fworst:.1%}, the "
+                f"LLM's attention being quadratic in its length).")  # fmt: skip
+    record.line()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__.splitlines()[0])
+    parser.add_argument("--boxes", type=int, nargs="+", default=[0, 10, 50, 100])
+    parser.add_argument(
+        "--frames", type=int, nargs="+", default=None, help="frame counts (1 4 8; 1 2 with --quick)"
+    )
+    parser.add_argument("--frame-boxes", type=int, default=10, help="boxes per video frame")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the box counts")
+    args = parser.parse_args(argv)
+    frames = args.frames or ([1, 2] if args.quick else [1, 4, 8])
+    record = Record("Prefill scaling with boxes and video frames", args.quick)
+    machine = measure_machine(args.quick)
+    record.machine(machine)
+    config = bench_config(args.quick)
+    model = build_ours(config)
+    timer = PartTimer(ours_parts(model))
+    record.line(f"Model: {describe(config, args.quick)}; fp32; 40 text tokens; boxes of 10 to 310 px; "
+                f"{args.frame_boxes} boxes per video frame.")  # fmt: skip
+    record.line()
+    run(model, prefill_inputs(config, PrefillShape(1, 0, 40))[0], timer)  # warm-up
+    box_points = sweep(model, config, [PrefillShape(1, n, 40) for n in args.boxes], args.rounds, timer,
+                       machine.fp32_gflops)  # fmt: skip
+    record.line(f"One image, boxes {args.boxes} (best of {args.rounds} interleaved rounds):")
+    record.line()
+    table(record, "boxes", lambda s: s.boxes_per_image, box_points)
+    law(record, "boxes", "box", args.boxes, box_points)
+    frame_points = sweep(model, config, [PrefillShape(f, args.frame_boxes, 40) for f in frames], 1, timer,
+                         machine.fp32_gflops)  # fmt: skip
+    record.line(f"Video, frames {frames} (one run each):")
+    record.line()
+    table(record, "frames", lambda s: s.images, frame_points)
+    law(record, "frames", "frame", frames, frame_points)
+    timer.remove()
+    record.finish(args.record)
+
+
+if __name__ == "__main__":
+    main()
