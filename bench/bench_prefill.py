@@ -71,9 +71,12 @@ def why_below_peak(parts: list[list[object]], flops: dict[str, int], seconds: di
     """Where the time over `PEAK_GOAL` of the peak goes: parts by excess time, and the op mix."""
     excess = {name: t - flops.get(name, 0) / (PEAK_GOAL * peak * 1e9) for name, t in seconds.items()}
     worst = sorted(((e, n) for n, e in excess.items() if e > 0), reverse=True)[:4]
-    text = "time over 75% of peak by part: " + ", ".join(
-        f"{n} +{ms(e)} ms ({pct(gflops(flops.get(n, 0), seconds[n]) / peak)} of peak)" for e, n in worst
-    )
+
+    def share(name: str) -> str:
+        rate = gflops(flops.get(name, 0), seconds[name])
+        return f"{pct(rate / peak)} of peak" if flops.get(name) else "no FLOPs"
+
+    text = "time over 75% of peak by part: " + ", ".join(f"{n} +{ms(e)} ms ({share(n)})" for e, n in worst)
     total = sum(t for _, t in ops)
     if not total:
         return text

@@ -69,14 +69,29 @@ def table(record: Record, label: str, key, points: list[dict]) -> None:
                    *[f"{p['parts'][n]:.2f}" for n in names]] for p in points])  # fmt: skip
 
 
+FIXED = ("CLIP", "ConvNeXt", "fusion")  # parts whose work does not depend on the boxes (per image)
+
+
 def law(record: Record, what: str, unit: str, xs: list[int], points: list[dict]) -> None:
-    a, b, worst = fit([float(x) for x in xs], [p["seconds"] for p in points])
-    fa, fb, fworst = fit([float(x) for x in xs], [p["flops"] / 1e9 for p in points])
+    """State the growth law: least-squares lines through time and FLOPs; for boxes also through the time of
+    the parts that grow with them (LLM, projectors, pooling and the rest), free of the towers' noise."""
+    x = [float(v) for v in xs]
+    a, b, worst = fit(x, [p["seconds"] for p in points])
+    fa, fb, fworst = fit(x, [p["flops"] / 1e9 for p in points])
     record.values[what] = {"x": xs, "seconds": [p["seconds"] for p in points], "flops": [p["flops"] for p in points],
                            "intercept_s": a, "slope_s": b, "worst_fit": worst}  # fmt: skip
-    record.line(f"Growth with {what}: time = {a:.2f} s + {ms(b)} ms per {unit} (a line through the points, off by at "
-                f"most {worst:.1%}); FLOPs = {fa:.0f} + {fb:.1f} GFLOP per {unit} (off by at most {fworst:.1%}, the "
-                f"LLM's attention being quadratic in its length).")  # fmt: skip
+    text = (f"Growth with {what}: time = {a:.2f} s + {ms(b)} ms per {unit} (least squares, off by at most "
+            f"{worst:.1%}); FLOPs = {fa:.0f} + {fb:.1f} GFLOP per {unit} (off by at most {fworst:.1%}; the LLM's "
+            f"attention grows with the square of its length)")  # fmt: skip
+    if what == "boxes":
+        growing = [p["seconds"] - sum(p["parts"].get(k, 0.0) for k in FIXED) for p in points]
+        ga, gb, gworst = fit(x, growing)
+        record.values[what] |= {"growing_slope_s": gb, "growing_intercept_s": ga}
+        rate = f"{fb / gb:.0f} GFLOP/s" if gb > 0 else "no measurable rate"
+        text += (f". The parts that grow with boxes (everything but CLIP, ConvNeXt and the fusion) take {ga:.2f} s + "
+                 f"{ms(gb)} ms per box (off by at most {gworst:.1%}), {rate} on each box's {fb:.2f} GFLOP: 100 "
+                 f"boxes add {100 * gb / a:.1%} to the prefill")  # fmt: skip
+    record.line(text + ".")
     record.line()
 
 

@@ -286,8 +286,12 @@ class Record:
         """A goal of the issue, judged on this run's numbers (not judged with --quick)."""
         if self.quick:
             self.goals.append(Goal(goal, target, measured, None, "not judged: --quick runs small models"))
-        else:
-            self.goals.append(Goal(goal, target, measured, met, note))
+            return
+        load = self.machine_data.get("load") or [0.0]
+        cores = self.machine_data.get("cores") or 1
+        if not met and load[0] > 0.5 * cores:
+            note += f" (load average {load[0]:.2f} on {cores} cores when this bench started: other work shared it)"
+        self.goals.append(Goal(goal, target, measured, met, note))
 
     def finish(self, path: str | None) -> None:
         """Print the goals table and, when `path` is given, write the record there as JSON."""

@@ -134,13 +134,13 @@ def test_scaling_quick(tmp_path):
     values = run_quick("bench_scaling", tmp_path, "--boxes", "0", "20", "--frames", "1", "2", "--rounds", "1")
     boxes, frames = values["values"]["boxes"], values["values"]["frames"]
     assert boxes["x"] == [0, 20] and frames["flops"][1] > 2 * frames["flops"][0] * 0.9
-    assert frames["slope_s"] > 0
+    assert len(frames["seconds"]) == 2 and all(t > 0 for t in boxes["seconds"])
 
 
 def test_object_pooling_quick_measures_memory_in_a_child(tmp_path):
     values = run_quick("bench_object_pooling", tmp_path, "--boxes", "1", "4", "--rounds", "1")["values"]
     assert values["4"]["max_diff"] < 1e-5
-    assert values["4"]["reference_bytes"] > 20 * values["4"]["ours_bytes"] > 0
+    assert values["4"]["reference_bytes"] > 20 * max(values["4"]["ours_bytes"], 64 * 1024)
 
 
 def test_memory_quick_runs_a_preset_in_a_child(tmp_path):
@@ -160,3 +160,17 @@ def test_suite_runner_writes_results(tmp_path):
     for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill", "## Object pooling", "## Decode",
                     "## Prefill scaling", "## Memory"):  # fmt: skip
         assert heading in text
+
+
+def test_memory_bench_materialises_meta_models_with_real_buffers():
+    import bench_memory
+
+    config = MGLlavaConfig.from_preset("tiny")
+    built = MGLlavaForConditionalGeneration(config)
+    meta = bench_memory.on_meta(config)
+    bench_memory.materialise(meta)
+    for (name, a), (_, b) in zip(built.named_buffers(), meta.named_buffers(), strict=True):
+        assert torch.equal(a.to(b.dtype), b), name
+    weights = [p for p in meta.parameters()]
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.isfinite().all() for p in weights)
+    assert 0.01 < torch.cat([p.float().flatten() for p in weights]).std() < 0.1
