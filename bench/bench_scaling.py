@@ -5,7 +5,8 @@ weights), 40 text tokens, a plain forward (logits at every position, as in bench
 each go through the whole image path with their own `--frame-boxes` boxes and their rows follow each other
 (SPEC section 8). Prints time (best of `--rounds` for boxes; one run per frame count, the larger ones cost
 tens of seconds), FLOPs from `bench/flops.py`, GFLOP/s against the measured fp32 matmul peak, time per
-part, and a least-squares line through the points with its largest deviation: the growth law.
+part, and a least-squares line through the points with its largest deviation: the growth law. For frames,
+transformers' LLaVA given the same frames as images (sharing our modules) runs beside ours.
 
     .venv/bin/python bench/bench_scaling.py [--quick] [--boxes 0 10 50 100] [--frames 1 4 8] [--record out.json]
 """
@@ -17,8 +18,8 @@ import time
 import torch
 
 from common import Record, arguments, gflops, measure_machine, ms, pct
-from flops import PrefillShape, mgllava_flops, sequence_length
-from models import PartTimer, bench_config, build_ours, describe, ours_parts, prefill_inputs
+from flops import PrefillShape, llava_flops, mgllava_flops, sequence_length
+from models import PartTimer, bench_config, build_ours, build_peer, describe, ours_parts, prefill_inputs
 
 
 def run(model, batch, timer: PartTimer) -> tuple[float, dict[str, float]]:
@@ -121,11 +122,30 @@ def main(argv: list[str] | None = None) -> None:
     record.line()
     table(record, "boxes", lambda s: s.boxes_per_image, box_points)
     law(record, "boxes", "box", args.boxes, box_points)
-    frame_points = sweep(model, config, [PrefillShape(f, args.frame_boxes, 40) for f in frames], 1, timer,
-                         machine.fp32_gflops)  # fmt: skip
+    peer = build_peer(model)
+    with torch.inference_mode():
+        peer(**prefill_inputs(config, PrefillShape(1, 0, 40))[1])  # warm-up
+    frame_points, peer_rows = [], []
+    for (
+        f
+    ) in frames:  # ours then the peer (transformers LLaVA, the same frames as images, no boxes), once each
+        shape = PrefillShape(f, args.frame_boxes, 40)
+        frame_points += sweep(model, config, [shape], 1, timer, machine.fp32_gflops)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            peer(**prefill_inputs(config, shape)[1])
+        peer_s = time.perf_counter() - start
+        ours, peer_flops = frame_points[-1], sum(llava_flops(config, shape).values())
+        peer_rows.append([f, f"{ours['seconds']:.2f}", f"{peer_s:.2f}", f"{ours['seconds'] / peer_s:.2f}x",
+                          f"{ours['flops'] / peer_flops:.2f}x", f"{ours['seconds'] / peer_s / (ours['flops'] / peer_flops):.2f}x"])  # fmt: skip
     record.line(f"Video, frames {frames} (one run each):")
     record.line()
     table(record, "frames", lambda s: s.images, frame_points)
+    record.line("Against transformers LLaVA given the same frames as images (no high-res branch, no boxes):")
+    record.line()
+    record.table(
+        ["frames", "ours s", "LLaVA s", "time ratio", "FLOP ratio", "time per FLOP ratio"], peer_rows
+    )
     law(record, "frames", "frame", frames, frame_points)
     timer.remove()
     record.finish(args.record)
