@@ -66,8 +66,9 @@ def op_profile(model, batch) -> list[tuple[str, float]]:
     return sorted(events, key=lambda kv: -kv[1])
 
 
-def why_below_peak(parts: list[list[object]], flops: dict[str, int], seconds: dict[str, float], peak: float,
-                   ops: list[tuple[str, float]]) -> str:  # fmt: skip
+def why_below_peak(
+    flops: dict[str, int], seconds: dict[str, float], peak: float, ops: list[tuple[str, float]]
+) -> str:
     """Where the time over `PEAK_GOAL` of the peak goes: parts by excess time, and the op mix."""
     excess = {name: t - flops.get(name, 0) / (PEAK_GOAL * peak * 1e9) for name, t in seconds.items()}
     worst = sorted(((e, n) for n, e in excess.items() if e > 0), reverse=True)[:4]
@@ -127,11 +128,7 @@ def measure(args, machine: Machine, record: Record) -> None:
 
         fns = {"ours": run("ours", lambda: ours(**ours_batch)), "peer": run("peer", lambda: peer(**peer_batch)),
                "pooling": run("pooling", lambda: pool_all(ours, stages, ours_batch))}  # fmt: skip
-        for fn in fns.values():
-            fn()  # warm-up with the hooks on
-        for runs_of in runs.values():
-            runs_of.clear()
-        interleave(fns, args.rounds, warmup=False)
+        interleave(fns, args.rounds, warmup=False)  # the counted runs above were the warm-up
         for timer in timers.values():
             timer.remove()
         ops = op_profile(ours, ours_batch) if not args.quick else []
@@ -201,7 +198,7 @@ def measure(args, machine: Machine, record: Record) -> None:
                 f"{per_flop:.2f}x ({time_ratio:.2f}x time / {flop_ratio:.2f}x FLOPs)", per_flop <= RATIO_GOAL, ratio_note)  # fmt: skip
     rate_note = "" if rate >= PEAK_GOAL else (
         f"missed by {PEAK_GOAL - rate:.0%} of peak; "
-        + why_below_peak(o_rows, ours_flops, o_seconds, peak, ops)
+        + why_below_peak(ours_flops, o_seconds, peak, ops)
     )  # fmt: skip
     record.goal(
         "whole prefill vs fp32 matmul peak", f">= {PEAK_GOAL:.0%}", pct(rate), rate >= PEAK_GOAL, rate_note
