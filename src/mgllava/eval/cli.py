@@ -1,6 +1,7 @@
 """`mgllava eval` and `mgllava eval-data`: parse, then call `runner.run_eval` / the converters.
 
 mgllava eval --model runs/tiny --benchmark mmbench_dev --data MMBench_DEV_EN.tsv --out runs/eval/mmb
+mgllava eval ... --benchmark vqav2_testdev --boxes vqav2_box.json      # boxes keyed as docs/benchmarks.md
 torchrun --nproc_per_node 8 -m mgllava.cli eval ... --batch-size 8      # sharded, gathered on rank 0
 mgllava eval-data easy-vqa --out data/easy_vqa                          # then --benchmark short_vqa
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..utils.dtypes import DTYPES
 from .benchmarks import BENCHMARKS, EvalOptions
 from .metrics import CHOICE_RULES
 from .short_answer import SHORT_METRICS
@@ -21,6 +23,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     fields = EvalOptions.__dataclass_fields__
     opts = EvalOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    opts.box_settings = {k: v for k, v in vars(args).items() if k in BOX_FLAGS}  # only the flags given
     opts.out = opts.out or f"runs/eval/{opts.benchmark}"
     try:
         results = run_eval(opts)
@@ -42,6 +45,70 @@ def summary_line(results: dict[str, Any], out: str) -> str:
     )
 
 
+def _count_or_none(text: str) -> int | None:
+    """A positive integer, or None for "none" (no limit)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return value
+
+
+def _iou_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IoU in (0, 1] or 'none', got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected an IoU in (0, 1] or 'none', got {text!r}")
+    return value
+
+
+def _per_label(text: str) -> int | None:
+    return None if text.lower() == "auto" else _count_or_none(text)
+
+
+BOX_FLAGS = ("box_limit", "box_nms_iou", "box_cap", "box_per_label")
+
+
+def _add_box_flags(ev: Any) -> None:
+    """Box settings; each defaults to the benchmark's reference value (docs/benchmarks.md), so a flag is
+    only set when given (argparse.SUPPRESS)."""
+    off = argparse.SUPPRESS
+    ev.add_argument(
+        "--box-limit",
+        type=_count_or_none,
+        default=off,
+        help="cap boxes per image above this many, or 'none' (default: the benchmark's reference value: "
+        "100, none for VQAv2)",
+    )
+    ev.add_argument(
+        "--box-nms-iou",
+        type=_iou_or_none,
+        default=off,
+        help="class-wise NMS IoU, or 'none' to skip NMS (default 0.2, the reference's)",
+    )
+    ev.add_argument(
+        "--box-cap",
+        choices=["per_label", "top_k"],
+        default=off,
+        help="per_label: the reference's rule (top N per label once over the limit); top_k: a true cap",
+    )
+    ev.add_argument(
+        "--box-per-label",
+        type=_per_label,
+        default=off,
+        help="boxes kept per label by the per_label cap, or 'auto' (20 above a limit of 50, else 5; "
+        "20 for video, as the reference)",
+    )
+
+
 def _eval_data(args: argparse.Namespace) -> int:
     from .easy_vqa import convert_easy_vqa
 
@@ -58,6 +125,14 @@ def register(sub: Any) -> None:
     ev.add_argument("--data", required=True, help="the benchmark's question file (TSV, JSON or JSONL)")
     ev.add_argument("--images", help="folder of the images or videos the data file names")
     ev.add_argument("--boxes", help="box file (our JSONL or the reference's JSON); default: no boxes")
+    ev.add_argument(
+        "--max-missing-boxes",
+        type=float,
+        default=0.0,
+        help="share of samples allowed to find no boxes in --boxes before the run is refused (default 0); "
+        "a box file that matches no sample is refused at any share",
+    )
+    _add_box_flags(ev)
     ev.add_argument(
         "--annotations",
         help="ground truth in its own file: VQAv2 annotations, TextVQA JSON "
@@ -78,7 +153,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--out", help="output folder (default runs/eval/<benchmark>)")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, help="default: 100 (images), 50 (video)")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="auto", choices=list(DTYPES))
     ev.add_argument("--device", help="default: this rank's GPU, else CPU")
     ev.add_argument("--judge-url", help="OpenAI-compatible base URL of the video QA judge")
     ev.add_argument("--judge-model", default="gpt-3.5-turbo")
