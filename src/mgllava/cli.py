@@ -48,6 +48,7 @@ def _assemble(args: argparse.Namespace) -> int:
         high_res_image_size=args.high_res_size,
         dtype=DTYPES[args.dtype],
         trust_pickle=args.trust_pickle,
+        context_length=args.context_length,
     )
     folder = write_folder(model, processor, args.out)
     print(f"wrote {folder} ({sum(p.numel() for p in model.parameters()):,} parameters)")
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     asm.add_argument("--high-res-size", type=int, default=768)
     asm.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     asm.add_argument("--trust-pickle", action="store_true", help="allow arbitrary classes in pickled files")
+    asm.add_argument(
+        "--context-length",
+        type=int,
+        help="longest prompt + answer in tokens (default: the LLM's max_position_embeddings); a video model "
+        "needs more (8 frames are >= 4,616 visual rows): the paper's used 8192, RoPE unscaled",
+    )
     asm.add_argument("--out", required=True)
     asm.set_defaults(func=_assemble)
     _add_chat(sub)
