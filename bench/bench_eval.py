@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
+from mgllava.convert.folder import configure_generation, write_folder
 from mgllava.eval import EvalOptions, run_eval
 from mgllava.eval.easy_vqa import convert_easy_vqa
-from mgllava.model.loading import configure_generation, write_folder
 
 VISION = dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
               num_attention_heads=4, patch_size=14, image_size=336, projection_dim=256)  # fmt: skip

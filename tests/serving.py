@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
-from mgllava.boxes import Boxes
+from mgllava.boxes import Boxes, BoxProposer, FixedTagger
 from mgllava.inference import Engine
 
 
@@ -48,14 +48,22 @@ def ask(text: str, image_url: str | None = None) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
-class ShapesProposer:
-    """A stand-in for the tagger + detector: two labelled boxes at fixed fractions of the image; counts calls."""
+class ShapesDetector:
+    """A stand-in for OWLv2: two labelled boxes at fixed fractions of each image; counts the images it saw."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, image: Image.Image) -> Boxes:
-        self.calls += 1
-        w, h = image.size
-        xyxy = [[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.55 * w, 0.3 * h, 0.95 * w, 0.9 * h]]
-        return Boxes(xyxy, [0.9, 0.7], ["circle", "square"], (w, h))
+    def detect(self, images: list[Image.Image], tags: list[list[str]]) -> list[Boxes]:
+        self.calls += len(images)
+        out = []
+        for image in images:
+            w, h = image.size
+            xyxy = [[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.55 * w, 0.3 * h, 0.95 * w, 0.9 * h]]
+            out.append(Boxes(xyxy, [0.9, 0.7], ["circle", "square"], (w, h)))
+        return out
+
+
+def ShapesProposer() -> BoxProposer:
+    """The one proposer type over the stand-in detector (`proposer.detector.calls` counts detections)."""
+    return BoxProposer(FixedTagger(["circle", "square"]), ShapesDetector())

@@ -12,7 +12,6 @@ from transformers import CLIPModel, CLIPProcessor, Owlv2ForObjectDetection, Owlv
 
 from mgllava.boxes import (
     Boxes,
-    BoxIndex,
     BoxProposer,
     ClipTagger,
     FixedTagger,
@@ -20,6 +19,7 @@ from mgllava.boxes import (
     load_vocabulary,
 )
 from mgllava.boxes.files import BoxRecord, sha256_file
+from mgllava.boxes.lookup import BoxLookup, ImageKey
 from mgllava.boxes.proposer import content_key
 from mgllava.boxes.select import FrameMap, prepare_boxes
 from mgllava.boxes.taggers import RamPlusTagger, parse_ram_tags
@@ -172,9 +172,9 @@ def test_proposer_reads_a_box_file_by_content_hash(detector, tmp_path):
     image(60, 40, 12).save(path)
     record = BoxRecord(id="a", sha256=sha256_file(path), boxes=Boxes([[1, 2, 30, 20]], labels=["cat"]))
     (tmp_path / "b.jsonl").write_text(json.dumps(record.to_json()) + "\n")
-    proposer = BoxProposer(FixedTagger(TAGS), detector, index=BoxIndex.load(tmp_path / "b.jsonl"))
+    proposer = BoxProposer(FixedTagger(TAGS), detector, BoxLookup.load(tmp_path / "b.jsonl"))
     rgb = Image.open(path).convert("RGB")
-    assert content_key(str(path), rgb) == record.sha256
+    assert content_key(ImageKey.of(str(path)), rgb) == record.sha256
     assert proposer([str(path)], [rgb])[0].xyxy.tolist() == [[1, 2, 30, 20]]
     assert proposer.stats == {"file": 1, "cache": 0, "detected": 0}
 

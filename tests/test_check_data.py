@@ -66,3 +66,28 @@ def test_training_leaves_out_checked_bad_samples_and_replaces_others(tmp_path):
     assert main(["train", "tiny-stage1", src, f"output_dir={run}", "stage.global_batch_size=16",
                  "stage.per_device_batch_size=4", "max_steps=1"]) == 0  # fmt: skip
     assert sum(r["replaced"] for r in read_jsonl(run / "metrics.jsonl")) == 6
+
+
+def test_check_data_builds_the_processor_only(tmp_path, monkeypatch):
+    """A paper preset's model would take tens of GB: check-data must never build it."""
+    from mgllava.model.modeling import MGLlavaForConditionalGeneration
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check-data built a model")
+
+    monkeypatch.setattr(MGLlavaForConditionalGeneration, "__init__", refuse)
+    files = synth.write_dataset(tmp_path / "d", n=4)
+    out = tmp_path / "report"
+    code = main(["check-data", "tiny-stage1", synth.source_override(files), f"output_dir={tmp_path}/run",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "check_summary.json").read_text())["samples"] == 4
+
+
+def test_training_counts_images_without_boxes_per_step(tmp_path):
+    files = synth.write_dataset(tmp_path / "d", n=8)
+    lines = files["boxes"].read_text().splitlines()
+    files["boxes"].write_text("\n".join(lines[:5]) + "\n")  # 3 of the 8 images lose their boxes
+    run = tmp_path / "run"
+    assert main(["train", "tiny-stage1", synth.source_override(files), f"output_dir={run}"]) == 0
+    assert sum(r["boxes_missing"] for r in read_jsonl(run / "metrics.jsonl")) == 3

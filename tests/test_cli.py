@@ -12,8 +12,8 @@ import pytest
 
 from mgllava.boxes.files import sha256_file
 from mgllava.cli import main
+from mgllava.convert.folder import write_folder
 from mgllava.inference import Engine, GenerationSettings
-from mgllava.model.loading import write_folder
 
 from .formats import write_video
 from .serving import scene, tiny_parts

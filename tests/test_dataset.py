@@ -5,8 +5,8 @@ import json
 import pytest
 
 from mgllava import MGLlavaProcessor
+from mgllava.data.config import DataConfig, DataSource
 from mgllava.data.dataset import LlavaDataset, load_samples
-from mgllava.train.config import DataConfig, DataSource
 
 from . import synth
 from .formats import write_video

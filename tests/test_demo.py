@@ -91,7 +91,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     ]
     assert main([*chat, "--box-file", str(boxes), "--show-boxes"]) == 0
     assert (
-        "boxes from request" in capsys.readouterr().out
+        "boxes from box_file" in capsys.readouterr().out
     )  # found in the demo's box file by the image's sha256
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # everything found on disk: reused, same table
     assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]

@@ -14,12 +14,12 @@ from PIL import Image
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.cli import main
+from mgllava.convert.folder import configure_generation, write_folder
 from mgllava.eval import EvalOptions, run_eval
 from mgllava.eval.easy_vqa import convert_easy_vqa
 from mgllava.eval.judge import SYSTEM_PROMPT
 from mgllava.eval.metrics import evalai_normalize
 from mgllava.eval.runner import load_generator
-from mgllava.model.loading import configure_generation, write_folder
 
 from . import eval_formats as fmt
 
@@ -157,7 +157,9 @@ def test_bad_inputs_are_listed_not_scored_and_retried(model_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "run.json").read_text())["answered_this_run"] == 2
 
 
-def test_batched_answers_equal_one_by_one(model_dir, tmp_path):
+def test_eval_answers_equal_the_engines_one_by_one(model_dir, tmp_path):
+    """`mgllava eval` generates through the inference engine: its batched answers (batch 1 and 3, with and
+    without boxes) equal `Engine.chat` on each sample alone, the path chat and serve use."""
     folder = tmp_path / "set"
     data = fmt.write_short_vqa(folder, n=5)
     questions = [
@@ -179,11 +181,43 @@ def test_batched_answers_equal_one_by_one(model_dir, tmp_path):
     outs = {}
     for batch in (1, 3):
         out = tmp_path / f"b{batch}"
-        assert (
-            main(eval_argv(model_dir, "short_vqa", data, out, "--batch-size", batch, "--boxes", boxes)) == 0
-        )
+        argv = eval_argv(model_dir, "short_vqa", data, out, "--batch-size", batch, "--boxes", boxes)
+        assert main([*argv, "--max-missing-boxes", "1"]) == 0
         outs[batch] = [r["prediction"] for r in read_lines(out / "predictions.jsonl")]
     assert outs[1] == outs[3] and len(outs[1]) == 5
+    from mgllava.boxes import BoxLookup, ImageKey
+    from mgllava.inference import Engine, GenerationSettings
+
+    engine = Engine.from_pretrained(model_dir)
+    lookup = BoxLookup.load(boxes)
+    prompt = "\nAnswer the question using a single word or phrase."
+    alone = []
+    for record in records:
+        image = str(folder / record["image"])
+        found = lookup.image(ImageKey.of(image, [record["id"]]))
+        messages = [{"role": "user", "content": "<image>\n" + record["question"] + prompt}]
+        result = engine.chat(messages, images=[image], boxes=[found], settings=GenerationSettings(6))
+        alone.append(result.text)
+    assert alone == outs[3]
+    results = json.loads((tmp_path / "b3" / "results.json").read_text())
+    assert results["boxes"]["found"] == {"id": 1} and results["boxes"]["missing"] == 4
+
+
+def test_a_box_file_for_other_samples_is_refused_before_anything_is_written(model_dir, tmp_path, capsys):
+    data = fmt.write_short_vqa(tmp_path / "set", n=4)
+    boxes = tmp_path / "other.jsonl"
+    boxes.write_text('{"id": "elsewhere", "boxes": [[1, 1, 5, 5]]}\n')
+    out = tmp_path / "out"
+    assert main(eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes)) == 2
+    err = capsys.readouterr().err
+    assert "4 of 4 benchmark samples (100.0%) have no boxes" in err and "id 'q0'" in err
+    assert not out.exists()
+    assert (
+        main([*eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes), "--max-missing-boxes", "1"])
+        == 0
+    )
+    table = (out / "results.md").read_text()
+    assert "0 of 4 in" in table and "4 without boxes" in table and "## Samples without boxes (4" in table
 
 
 def test_mmbench_test_writes_the_submission_file(model_dir, tmp_path):

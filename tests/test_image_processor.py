@@ -1,4 +1,4 @@
-"""Image processor: pixels equal the reference pipeline; boxes follow SPEC sections 2 and 5; bad images fail clearly."""
+"""Image processor: pixels equal the reference pipeline; boxes follow docs/design.md sections 2 and 5; bad images fail clearly."""
 
 import io
 
@@ -11,7 +11,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from mgllava.boxes import Boxes
 from mgllava.data.image_processor import CLIP_MEAN, MGLlavaImageProcessor
-from mgllava.data.images import ImageError, load_image
+from mgllava.media.images import ImageError, load_image
 
 
 def random_image(width, height, mode="RGB", seed=0):

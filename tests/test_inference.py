@@ -138,7 +138,7 @@ def test_detokenizer_holds_back_unstable_text():
 
 
 def test_boxes_from_proposer_user_and_none_are_reported_in_image_pixels(engine):
-    proposer = engine.proposer
+    proposer = engine.proposer.detector
     before = proposer.calls
     image = scene(10, (200, 100))
     result = engine.chat(ask("What?", data_url(image)), settings=greedy(2))

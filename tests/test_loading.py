@@ -9,14 +9,14 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel
 
 from mgllava.cli import main
-from mgllava.model.loading import (
+from mgllava.convert.assemble import (
     CheckpointError,
     assemble,
     load_clip_vision,
     load_open_clip_convnext,
     read_state_dict,
-    write_folder,
 )
+from mgllava.convert.folder import write_folder
 
 from . import formats
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
-from mgllava.model.loading import configure_generation, write_folder
+from mgllava.convert.folder import configure_generation, write_folder
 
 from .serving import scene
 

@@ -1,9 +1,9 @@
-"""Whole-model parity through the converter (SPEC sections 1-6, 8, 10).
+"""Whole-model parity through the converter (docs/design.md sections 1-6, 8, 10).
 
 A tiny checkpoint in the reference's exact layout (an XTuner `.pth` in each of its wrapper forms, an OpenCLIP
 ConvNeXt file, an HF CLIP folder, an HF LLM folder whose tokenizer has no `<image>`) is converted with
 `mgllava assemble --reference` as a user would, and our logits are compared with the reference forward
-written below from the SPEC with plain torch / torchvision / transformers / timm - nothing from mgllava:
+written below from docs/design.md with plain torch / torchvision / transformers / timm - nothing from mgllava:
 
     square pad (mean colour) -> PIL bicubic to S_hi -> /255, CLIP-normalise -> bilinear to S_lo
     CLIP hidden_states[-2][:, 1:] ; timm ConvNeXt stem + stages ; Conv-Gate on stage 3 ; projector MLP
@@ -17,8 +17,9 @@ in each of the four chat templates; fp32 logits agree within 1e-4. Then the conv
 reference for another LLM size, a truncated file, a template that does not match the tokenizer.
 
 Sizes are the tiny formats' (CLIP 56 px / patch 14, ConvNeXt 128 px / stride 32: a 4x4 grid, 16 image rows).
-Where the reference differs from the SPEC by a bug (SPEC section 11; its 767-px crop offset for some image
-sides, `(L - S) // 2` vs `round((L - S) / 2)` for video boxes), the inputs avoid the cases that differ.
+Where the reference differs from the document by a bug (section 11: its 767-px crop offset for some image
+sides, 13.13; `(L - S) // 2` vs `round((L - S) / 2)` for video boxes, 13.14), the inputs avoid the cases that
+differ; two images in one sample follow the document (each its own objects, 13.30).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from transformers import (
 )
 
 from mgllava.cli import main
-from mgllava.model.loading import assemble
+from mgllava.convert import assemble
 
 from . import formats
 
@@ -56,12 +57,12 @@ ROI_SIZE = 56
 NMS_IOU = 0.2
 MARK = -1  # an <image> / <video> position in the reference's token list
 
-# SPEC section 6 (phi3_chat with the newline after <|user|> that every XTuner copy of it has). `eos`: the
-# answer ends with EOS and the next turn starts with BOS; otherwise the suffix ends it and no BOS follows.
+# Section 6, as the reference's vendored XTuner `templates.py` has them (phi3_chat: no newline after <|user|>,
+# 13.22). `eos`: the answer ends with EOS and the next turn starts with BOS; else the suffix ends it, no BOS.
 TEMPLATES = {
     "vicuna": dict(instruction="USER: {input} ASSISTANT:", suffix="", eos=True, sep="\n", markers=()),
     "phi3_chat": dict(
-        instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
+        instruction="<|user|>{input}<|end|>\n<|assistant|>\n",
         suffix="<|end|>",
         eos=False,
         sep="\n",
@@ -86,14 +87,14 @@ TEMPLATES = {
 FORMS = dict(zip(TEMPLATES, formats.REFERENCE_FORMS, strict=True))  # each template its own wrapper form
 
 
-# -- the reference, from the SPEC ---------------------------------------------------------------------------
+# -- the reference, from docs/design.md -----------------------------------------------------------------------
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     hidden = F.gelu(F.linear(x, w[prefix + "0.weight"], w[prefix + "0.bias"]))
     return F.linear(hidden, w[prefix + "2.weight"], w[prefix + "2.bias"])
 
 
 def conv_gate(low: torch.Tensor, high: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """SPEC section 4: low (B, N, C_lo), high = stage 3 (B, C_hi, g, g) -> (B, N, C_lo)."""
+    """Section 4: low (B, N, C_lo), high = stage 3 (B, C_hi, g, g) -> (B, N, C_lo)."""
     p = "fuse_module."
     b, _, c = low.shape
     g = high.shape[-1]
@@ -135,7 +136,7 @@ def crop_boxes(boxes: torch.Tensor, start: tuple[int, int], side: int) -> torch.
 
 
 class Reference:
-    """MG-LLaVA's forward from the SPEC, on the files the converter read."""
+    """MG-LLaVA's forward from docs/design.md, on the files the converter read."""
 
     def __init__(self, clip: Path, convnext: Path, llm: Path, state: dict[str, torch.Tensor], template: str):
         self.clip = CLIPVisionModel.from_pretrained(clip).eval()

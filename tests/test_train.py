@@ -18,7 +18,7 @@ from . import synth
 def test_paper_presets_load_with_overrides():
     config = load_config(TrainConfig, "mgllava-llama3-8b-stage2", ["model=/m", "data.mixture=/x.yaml"])
     assert config.stage.lr == 1e-5 and config.stage.global_batch_size == 128 and config.stage.length_grouped
-    assert config.stage.trainable == ["fusion", "projector", "box_projector", "language_model"]
+    assert config.stage.trainable == ["new_modules", "language_model"]
     assert config.init_from == "runs/mgllava-llama3-8b/stage1/final"
     yi = load_config(
         TrainConfig, "mgllava-yi1.5-34b-stage1", ["model=/m", "data.mixture=/x.yaml", "stage.lr=3e-4"]

@@ -76,3 +76,56 @@ def test_variant_trains_one_step_and_generates(fusion, objects):
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 3
+
+
+ALL_VARIANTS = [(f, o) for f in FUSIONS for o in OBJECT_TOKENS]
+
+
+@pytest.mark.parametrize("fusion, objects", ALL_VARIANTS)
+def test_every_new_module_can_be_named_in_a_stage_and_trains(fusion, objects):
+    """The stage's module names come from the model: every parameterised module outside the two towers and
+    the LLM is in `new_modules`, trains when named (alone or through the group) and nothing else does."""
+    from mgllava.model.modeling import NEW_MODULES, PRETRAINED_MODULES
+    from mgllava.train.config import StageConfig
+    from mgllava.train.stages import apply_stage
+
+    torch.manual_seed(0)
+    config = MGLlavaConfig.from_preset("tiny", fusion=fusion, object_tokens=objects)
+    model = MGLlavaForConditionalGeneration(config)
+    own = [n for n, m in model.named_children() if n not in PRETRAINED_MODULES and list(m.parameters())]
+    assert own and set(own) <= set(NEW_MODULES) and own == model.new_modules()
+    processor = MGLlavaProcessor.for_config(config, MGLlavaProcessor.from_preset("tiny").tokenizer, "vicuna")
+    image = Image.new("RGB", (70, 50), (200, 40, 40))
+    conv = [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "Red."}]
+    batch = processor.apply_chat_template(conv, tokenize=True, return_dict=True, images=[image],
+                                          boxes=[[[5, 5, 30, 30], [40, 10, 65, 45]]])  # fmt: skip
+    for names in [[n] for n in own] + [["new_modules"]]:
+        stage = StageConfig("s", names, lr=1e-2, global_batch_size=1, per_device_batch_size=1)
+        table = apply_stage(model, stage)
+        expected = own if names == ["new_modules"] else names
+        for name, module in model.named_children():
+            assert all(p.requires_grad == (name in expected) for p in module.parameters()), (names, name)
+            if name in expected:
+                assert f"\n{name} " in table
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = {n: [p.detach().clone() for p in getattr(model, n).parameters()] for n in expected}
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+        for name in expected:
+            after = list(getattr(model, name).parameters())
+            assert any(not torch.equal(a, b) for a, b in zip(before[name], after, strict=True)), (names, name)
+
+
+def test_a_stage_naming_a_module_the_variant_lacks_is_refused():
+    from mgllava.train.config import StageConfig
+    from mgllava.train.stages import apply_stage
+
+    model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("tiny", object_tokens="off"))
+    stage = StageConfig("s", ["box_projector"], lr=1e-3, global_batch_size=1, per_device_batch_size=1)
+    with pytest.raises(
+        ValueError, match=r"'box_projector' but this model \(fusion=conv_gate, object_tokens=off\)"
+    ):
+        apply_stage(model, stage)

@@ -10,22 +10,23 @@ from PIL import Image
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.data.image_processor import CLIP_MEAN, CLIP_STD
-from mgllava.data.video import VideoError, frame_pixels, load_video_frames, sample_indices
+from mgllava.data.video import frame_pixels
+from mgllava.media.video import VideoError, load_video_frames, sample_indices
 
 from .formats import write_video
 
 
 def test_uniform_sampling_like_the_reference():
-    assert sample_indices(20) == [0, 2, 5, 8, 10, 13, 16, 19]
-    assert sample_indices(3) == [0, 0, 0, 0, 1, 1, 1, 2]
+    assert sample_indices(20, 8) == [0, 2, 5, 8, 10, 13, 16, 19]
+    assert sample_indices(3, 8) == [0, 0, 0, 0, 1, 1, 1, 2]
     with pytest.raises(VideoError, match="no frames"):
-        sample_indices(0)
+        sample_indices(0, 8)
 
 
 def test_decoded_frames_are_the_sampled_ones(tmp_path):
-    frames = load_video_frames(write_video(tmp_path / "v.mp4"))
+    frames = load_video_frames(write_video(tmp_path / "v.mp4"), 8)
     levels = [round(float(np.asarray(f).mean()) / 10) for f in frames]
-    assert levels == sample_indices(20)
+    assert levels == sample_indices(20, 8)
 
 
 def test_frame_pixels_follow_the_reference_transform():
@@ -69,10 +70,10 @@ def test_frame_boxes_use_the_crop_offset(tmp_path):
 
 def test_bad_videos_fail_clearly(tmp_path):
     with pytest.raises(VideoError, match="no such file"):
-        load_video_frames(tmp_path / "missing.mp4")
+        load_video_frames(tmp_path / "missing.mp4", 8)
     (tmp_path / "junk.mp4").write_bytes(b"not a video")
     with pytest.raises(VideoError, match="cannot decode"):
-        load_video_frames(tmp_path / "junk.mp4")
+        load_video_frames(tmp_path / "junk.mp4", 8)
     processor = MGLlavaProcessor.from_preset("tiny")
     with pytest.raises(ValueError, match="1 <video> tags but 0 videos"):
         processor(text="<video> what?", videos=[])
@@ -156,7 +157,7 @@ def test_image_presets_refuse_real_videos_naming_the_setting():
 def narrow_video_model(tmp_path_factory):
     """Real geometry (CLIP 336 px / 14 = 24x24 = 576 rows, ConvNeXt 768 px / 32 = 24) and Vicuna's 4096 positions
     with the video preset's context_length, every width tiny: real sequence lengths on a CPU."""
-    from mgllava.model.loading import write_folder
+    from mgllava.convert import write_folder
 
     config = MGLlavaConfig.from_preset(
         "tiny",

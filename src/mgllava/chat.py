@@ -7,21 +7,22 @@ last answer); `repl` reads lines and commands from a text stream and writes the 
     /reset        start over (the command-line images again)  /quit    leave (end of input too)
 
 Images are decoded once and the engine caches their visual rows, so later turns only run the LLM.
-Boxes of the command-line images come from `--boxes` or a `--box-file` (looked up by the file's sha256,
-then its path), else from the engine's proposer (`--detector`), else there are none.
+Boxes of the command-line images come from `--boxes`; every image without them goes to the engine's
+proposer: a `--box-file` (the one look-up rule of `boxes.lookup`) and/or a `--detector`. An image neither
+finds is reported as "boxes from missing" (`/boxes` and `--show-boxes`), never silently.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from PIL import Image
 
-from .data.images import ImageError, load_image
-from .data.video import NUM_FRAMES, as_frames
 from .inference import ChatResult, Engine, EngineInputError, GenerationSettings, VisualBoxes
+from .media.images import ImageError, load_image
 
 HELP = (
     "type a question and press enter; commands: /image FILE (attach to your next message), "
@@ -40,7 +41,7 @@ class ChatSession:
     ) -> None:
         self.engine = engine
         self.settings = settings or GenerationSettings()
-        self.start_images = [self._load(path) for path in images]
+        self.start_images = [self._check(path) for path in images]
         if boxes is not None and len(boxes) != len(self.start_images):
             raise ValueError(f"got boxes for {len(boxes)} images but {len(self.start_images)} images")
         self.start_boxes = list(boxes) if boxes is not None else [None] * len(self.start_images)
@@ -49,24 +50,25 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages: list[dict[str, Any]] = []
-        self.images: list[Image.Image] = []  # attached to earlier messages
-        self.pending: list[Image.Image] = list(self.start_images)  # go with the next message
+        self.images: list[str] = []  # attached to earlier messages (files: boxes are looked up by content)
+        self.pending: list[str] = list(self.start_images)  # go with the next message
         self.image_boxes: list[Any] = []  # their boxes (None: the proposer's, or none)
         self.pending_boxes: list[Any] = list(self.start_boxes)
         self.video_pending = self.start_video is not None
         self.video: list[Image.Image] | None = None
         self.last: ChatResult | None = None
 
-    def _load(self, path: str | Path) -> Image.Image:
-        return load_image(path, self.engine.max_image_pixels)
+    def _check(self, path: str | Path) -> str:
+        """The file, once decoded here so that an unusable image is refused when it is attached."""
+        load_image(path, self.engine.max_image_pixels)
+        return str(path)
 
-    @staticmethod
-    def _load_video(path: str | Path) -> list[Image.Image]:
-        return as_frames(path, NUM_FRAMES)
+    def _load_video(self, path: str | Path) -> list[Image.Image]:
+        return self.engine.processor.image_processor.frames(path)
 
     def attach(self, path: str | Path) -> None:
         """Attach an image to the next message (raises `ImageError` naming the file)."""
-        self.pending.append(self._load(path))
+        self.pending.append(self._check(path))
         self.pending_boxes.append(None)
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> ChatResult:
@@ -193,30 +195,14 @@ def _command(session: ChatSession, text: str, out: TextIO) -> bool:
     return False
 
 
-def boxes_for_images(
-    images: list[str | Path], boxes_json: str | None, box_file: str | None
-) -> list[Any] | None:
-    """Boxes for the command-line images: `--boxes` (JSON, one list of [x1, y1, x2, y2] per image) or a box
-    file (ours or the reference's) looked up by each file's sha256, then its path, then its file name; None
-    where not found."""
-    import json
-
-    from .boxes.files import BoxIndex, sha256_file
-
-    if boxes_json is not None:
-        try:
-            boxes = json.loads(boxes_json)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--boxes is not valid JSON: {err.msg}") from err
-        if not isinstance(boxes, list):
-            raise ValueError("--boxes must be a JSON list with one list of [x1, y1, x2, y2] per image")
-        return boxes
-    if box_file is None:
+def parse_boxes(boxes_json: str | None) -> list[Any] | None:
+    """`--boxes`: JSON, one list of [x1, y1, x2, y2] per command-line image (None: not given)."""
+    if boxes_json is None:
         return None
-    index = BoxIndex.load(box_file)
-    return [
-        index.boxes_for(sha256=sha256_file(p))
-        or index.boxes_for(image=str(p))
-        or index.boxes_for(image=Path(p).name)
-        for p in images
-    ]
+    try:
+        boxes = json.loads(boxes_json)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--boxes is not valid JSON: {err.msg}") from err
+    if not isinstance(boxes, list):
+        raise ValueError("--boxes must be a JSON list with one list of [x1, y1, x2, y2] per image")
+    return boxes

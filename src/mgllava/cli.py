@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from .boxes import cli as boxes_cli
+from .data.templates import TEMPLATES
 from .eval import cli as eval_cli
 from .model.configuration import FUSIONS, OBJECT_TOKENS
 from .train import cli as train_cli
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .utils.dtypes import DTYPES, resolve_dtype
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    from .model.loading import assemble, write_folder
+    from .convert import assemble, write_folder
 
     model, processor = assemble(
         clip=args.clip,
@@ -46,7 +46,7 @@ def _assemble(args: argparse.Namespace) -> int:
         fusion=args.fusion,
         object_tokens=args.object_tokens,
         high_res_image_size=args.high_res_size,
-        dtype=DTYPES[args.dtype],
+        dtype=resolve_dtype(args.dtype),
         trust_pickle=args.trust_pickle,
         context_length=args.context_length,
     )
@@ -58,11 +58,9 @@ def _assemble(args: argparse.Namespace) -> int:
 def _engine(args: argparse.Namespace, **options):
     from .inference import Engine
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = resolve_dtype(args.dtype)
     proposer = boxes_cli.proposer_from_args(args, args.device)
-    return Engine.from_pretrained(
-        args.model, dtype=dtype, device=args.device, proposer=proposer.one if proposer else None, **options
-    )
+    return Engine.from_pretrained(args.model, dtype=dtype, device=args.device, proposer=proposer, **options)
 
 
 def _settings(args: argparse.Namespace):
@@ -72,9 +70,9 @@ def _settings(args: argparse.Namespace):
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession, answer_once, boxes_for_images, repl
+    from .chat import ChatSession, answer_once, parse_boxes, repl
 
-    boxes = boxes_for_images(args.image, args.boxes, args.box_file)
+    boxes = parse_boxes(args.boxes)
     session = ChatSession(_engine(args), args.image, args.video, _settings(args), boxes)
     if args.prompt is not None:
         return answer_once(session, args.prompt, sys.stdout, args.show_boxes)
@@ -119,9 +117,6 @@ def _add_chat(sub) -> None:
     chat.add_argument("--prompt", help="answer this one question and exit (for scripts)")
     chat.add_argument("--show-boxes", action="store_true", help="print the tags and boxes the model saw")
     chat.add_argument("--boxes", help="JSON: one list of [x1, y1, x2, y2] per --image, in its pixels")
-    chat.add_argument(
-        "--box-file", help="a box file (ours or the reference's) to take the images' boxes from"
-    )
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--top-p", type=float, default=1.0)
@@ -171,18 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     asm.add_argument("--clip", required=True, help="HF CLIP folder (e.g. clip-vit-large-patch14-336)")
     asm.add_argument("--convnext", required=True, help="OpenCLIP ConvNeXt file or folder")
     asm.add_argument("--llm", required=True, help="HF causal-LM folder with its tokenizer")
-    asm.add_argument("--template", required=True, choices=["vicuna", "phi3_chat", "llama3_chat", "qwen_chat"])
+    asm.add_argument("--template", required=True, choices=sorted(TEMPLATES))
     asm.add_argument("--reference", help="reference XTuner .pth with projector/fusion/LLM weights")
     asm.add_argument("--fusion", default="conv_gate", choices=FUSIONS)
     asm.add_argument("--object-tokens", default="concat", choices=OBJECT_TOKENS)
     asm.add_argument("--high-res-size", type=int, default=768)
-    asm.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    asm.add_argument("--dtype", default="bfloat16", choices=sorted(set(DTYPES) - {"auto"}))
     asm.add_argument("--trust-pickle", action="store_true", help="allow arbitrary classes in pickled files")
     asm.add_argument(
         "--context-length",
         type=int,
         help="longest prompt + answer in tokens (default: the LLM's max_position_embeddings); a video model "
-        "needs more (8 frames are >= 4,616 visual rows): the paper's used 8192, RoPE unscaled",
+        "needs more, 8 frames being >= 4,616 visual rows (preset mgllava-vicuna-7b-video: 8192, RoPE unscaled)",
     )
     asm.add_argument("--out", required=True)
     asm.set_defaults(func=_assemble)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS
+from ..media.images import DEFAULT_MAX_PIXELS
 from ..utils import dist
 from ..utils.io import atomic_write_json, atomic_write_text
 
@@ -72,24 +72,32 @@ def add_tagger_options(parser: argparse.ArgumentParser, default: str | None = "c
 
 
 def add_proposer_options(parser: argparse.ArgumentParser) -> None:
-    """`--detector` (OWLv2 folder) turns on online box proposals for images given without boxes."""
+    """Boxes for images given without any: `--box-file` (looked up first) and/or `--detector` (OWLv2)."""
+    parser.add_argument(
+        "--box-file", help="a box file (ours or the reference's): images found in it use its boxes"
+    )
     parser.add_argument("--detector", help="OWLv2 folder: propose boxes for images given without any")
     add_tagger_options(parser, default="clip")
 
 
 def proposer_from_args(args: argparse.Namespace, device: str):
-    """A `BoxProposer` from `add_proposer_options`' arguments, or None without `--detector`."""
-    if not args.detector:
+    """A `BoxProposer` from `add_proposer_options`' arguments (`--box-file`, `--detector`), or None."""
+    if not args.detector and not args.box_file:
         return None
-    from .detector import Owlv2Detector
+    from .lookup import BoxLookup
     from .proposer import BoxProposer
+
+    lookup = BoxLookup.load(args.box_file) if args.box_file else None
+    if not args.detector:
+        return BoxProposer(lookup=lookup)
+    from .detector import Owlv2Detector
 
     if args.tagger == "sample":
         raise ValueError(
             "--tagger sample reads tags from a data file; pick clip, fixed or ram++ for chat/serve"
         )
     detector = Owlv2Detector.from_pretrained(args.detector, dtype=torch.float32, device=device)
-    return BoxProposer(_tagger(args, device), detector)
+    return BoxProposer(_tagger(args, device), detector, lookup)
 
 
 def _tagger(args: argparse.Namespace, device: str):

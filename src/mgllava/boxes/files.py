@@ -10,7 +10,7 @@ Our record (one line each; coordinates in original image pixels, `frame` = that 
 
 The reference's file is a JSON list of `{"id", "boxes", "scores", "labels"}` (images) or
 `{"video", "frames": [...]}` (videos); ids are compared as strings (the reference's training code does
-`str(item["id"])`). Same id means same image (SPEC section 7): duplicate ids with different boxes are an
+`str(item["id"])`). Same id means same image (docs/design.md section 7): duplicate ids with different boxes are an
 error naming the id. `to_reference_json` writes one entry per sample id (the reference looks boxes up by
 id); records without any id cannot be expressed in that form and are left out.
 """
@@ -130,6 +130,7 @@ class BoxIndex:
         self.by_id: dict[str, BoxRecord] = {}
         self.by_image: dict[str, BoxRecord] = {}
         self.by_hash: dict[str, BoxRecord] = {}
+        self.by_video: dict[str, BoxRecord] = {}
         for record in self.records:
             self._add(record)
 
@@ -139,7 +140,11 @@ class BoxIndex:
             if old is not None and not _same_content(old, record):
                 raise ValueError(f"box file: id {rid!r} appears twice with different boxes")
             self.by_id.setdefault(rid, record)
-        for key, table in ((record.image, self.by_image), (record.sha256, self.by_hash)):
+        for key, table in (
+            (record.image, self.by_image),
+            (record.sha256, self.by_hash),
+            (record.video, self.by_video),
+        ):
             if key:
                 table.setdefault(key, record)
 

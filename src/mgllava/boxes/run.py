@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from ..media.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..utils import dist
 from ..utils.io import JsonlWriter, atomic_open
 from .detector import Owlv2Detector

@@ -33,25 +33,6 @@ class SampleCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def _box_warnings(sample: Sample) -> list[str]:
-    if sample.boxes is None or not sample.images:
-        return []
-    warnings = []
-    for path in sample.images:
-        boxes = sample.boxes.boxes_for(id=sample.id if len(sample.images) == 1 else None, image=path)
-        if boxes is None:
-            warnings.append(f"no boxes for this sample in {sample.source.boxes}")
-            continue
-        xyxy = boxes.xyxy
-        if not torch.isfinite(xyxy).all() or ((xyxy[:, 2] < xyxy[:, 0]) | (xyxy[:, 3] < xyxy[:, 1])).any():
-            warnings.append("boxes with NaN/inf or inverted coordinates (they will be dropped)")
-        if boxes.frame is not None and len(xyxy):
-            width, height = boxes.frame
-            if (xyxy[:, 0] > width).any() or (xyxy[:, 1] > height).any():
-                warnings.append("boxes outside their image frame (they will be dropped)")
-    return warnings
-
-
 def _round_trip(dataset: LlavaDataset, sample: Sample, encoded: dict[str, Any]) -> list[str]:
     supervised = [
         t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != IGNORE_INDEX
@@ -76,12 +57,13 @@ class _Checks(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> SampleCheck:
         sample = self.dataset.samples[index]
-        check = SampleCheck(index, sample.id, warnings=_box_warnings(sample))
+        check = SampleCheck(index, sample.id)
         try:
             encoded = self.dataset.encode(sample)
         except SampleError as err:
             check.errors.append(str(err).removeprefix(f"{sample.id}: "))
             return check
+        check.warnings += encoded["box_problems"]
         if encoded["truncated"]:
             check.warnings.append(f"text truncated by {encoded['truncated']} tokens (visual rows kept)")
         check.errors += _round_trip(self.dataset, sample, encoded)

@@ -1,12 +1,15 @@
-"""LLaVA-format training data: records, mixtures, boxes, and encoding one sample (SPEC sections 6-8).
+"""LLaVA-format training data: records, mixtures, boxes, and encoding one sample (docs/design.md sections 6-8).
 
 A record is `{"id": ..., "image": "rel/path.jpg" | ["a.jpg", "b.jpg"] | absent, "video": "rel.mp4" | absent,
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.
 Sources are JSON lists or JSONL files, each with its image/video root, an optional box file (ours or the
-reference's; looked up by sample id, then by image path) and a sampling rule (all, first:N, random:N).
+reference's; the one look-up rule of `boxes.lookup`: sample id, path, content hash, file name) and a
+sampling rule (all, first:N, random:N).
 
-`LlavaDataset[i]` returns the processor's encoding (input_ids, labels, visual tensors) plus `id`; a sample
-that cannot be used raises `SampleError` with the reason. Paths may not leave their root.
+`LlavaDataset[i]` returns the processor's encoding (input_ids, labels, visual tensors) plus `id` and
+`box_problems` (images the box file lacks, boxes that will be dropped), which check-data reports and
+training counts per step; a sample that cannot be used raises `SampleError` with the reason. Paths may not
+leave their root.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any
 
 import torch
 
-from ..boxes.files import BoxIndex
-from ..train.config import DataConfig, DataSource
+from ..boxes.lookup import BoxLookup, ImageKey
+from ..boxes.types import Boxes
+from ..config import from_dict, read_yaml
+from ..media.images import ImageError
+from ..media.video import VideoError
 from ..utils.io import JsonlError, read_jsonl
-from .images import ImageError
+from .config import DataConfig, DataSource
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
-from .video import VideoError
 
 
 class SampleError(ValueError):
@@ -35,7 +40,7 @@ class SampleError(ValueError):
 class Sample:
     record: dict[str, Any]
     source: DataSource
-    boxes: BoxIndex | None
+    boxes: BoxLookup | None
 
     @property
     def id(self) -> str:
@@ -95,15 +100,13 @@ def load_samples(config: DataConfig, seed: int = 0) -> list[Sample]:
     """All samples of the config's sources (and its mixture file), in source order."""
     sources = list(config.sources)
     if config.mixture:
-        from ..config import from_dict, read_yaml
-
         mixture = from_dict(DataConfig, read_yaml(config.mixture, "data"), "mixture")
         sources += mixture.sources
     if not sources:
         raise ValueError("no data sources: set data.sources or data.mixture")
     samples = []
     for source in sources:
-        boxes = BoxIndex.load(source.boxes) if source.boxes else None
+        boxes = BoxLookup.load(source.boxes) if source.boxes else None
         for record in _apply_rule(read_records(source.path), source.sample, seed):
             samples.append(Sample(record if isinstance(record, dict) else {"_raw": record}, source, boxes))
     return samples
@@ -121,10 +124,9 @@ def resolve_under(root: str | None, relative: str, sample_id: str) -> Path:
 class LlavaDataset(torch.utils.data.Dataset):
     """Encodes samples with the processor; failures raise `SampleError` (see `SafeDataset`)."""
 
-    def __init__(self, samples: list[Sample], processor: Any, num_frames: int = 8) -> None:
+    def __init__(self, samples: list[Sample], processor: Any) -> None:
         self.samples = samples
         self.processor = processor
-        self.num_frames = num_frames
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -135,26 +137,39 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise SampleError(f"{sample.id}: no conversations")
         return conversations
 
-    def _visuals(self, sample: Sample) -> dict[str, Any]:
+    def _visuals(self, sample: Sample) -> tuple[dict[str, Any], list[str], int]:
+        """The processor's visual arguments, the box problems found, and how many images/videos the box
+        file lacks."""
         images = [resolve_under(sample.source.image_root, p, sample.id) for p in sample.images]
-        boxes = None
-        if sample.boxes is not None and images:
-            found = [
-                sample.boxes.boxes_for(id=sample.id if len(images) == 1 else None, image=p)
-                for p in sample.images
-            ]
-            boxes = found if any(b is not None for b in found) else None
+        boxes, problems, missing = self._image_boxes(sample, images)
         out: dict[str, Any] = {"images": images, "boxes": boxes}
         if sample.video:
             root = sample.source.video_root or sample.source.image_root
             video = resolve_under(root, sample.video, sample.id)
-            frames = sample.boxes.frames_for(id=sample.id, video=sample.video) if sample.boxes else None
+            frames = sample.boxes.video([sample.id], sample.video) if sample.boxes else None
+            if sample.boxes is not None and frames is None:
+                problems.append(f"no boxes for this sample's video in {sample.source.boxes}")
+                missing += 1
             out |= {"videos": [video], "video_boxes": [frames] if frames is not None else None}
-        return out
+        return out, problems, missing
+
+    @staticmethod
+    def _image_boxes(sample: Sample, images: list[Path]) -> tuple[list[Boxes | None] | None, list[str], int]:
+        """Each image's boxes from the source's box file, what is wrong with them, and how many miss."""
+        if sample.boxes is None or not images:
+            return None, [], 0
+        found = [
+            sample.boxes.image(ImageKey.of(path, [sample.id], relative), single=len(images) == 1)
+            for relative, path in zip(sample.images, images, strict=True)
+        ]
+        problems = [f"no boxes for this sample in {sample.source.boxes}" for b in found if b is None]
+        problems += [p for b in found if b is not None for p in box_sanity(b)]
+        missing = sum(b is None for b in found)
+        return (found if any(b is not None for b in found) else None), problems, missing
 
     def encode(self, sample: Sample) -> dict[str, Any]:
         messages = self.messages(sample)
-        visuals = self._visuals(sample)
+        visuals, box_problems, boxes_missing = self._visuals(sample)
         text = "".join(str(m.get("value", m.get("content", ""))) for m in messages)
         for tag, n in ((IMAGE_TOKEN, len(visuals["images"])), (VIDEO_TOKEN, len(visuals.get("videos", [])))):
             if text.count(tag) != n:
@@ -169,7 +184,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise SampleError(f"{sample.id}: {err}") from err
         if all(label == IGNORE_INDEX for label in encoded["labels"]):
             raise SampleError(f"{sample.id}: no supervised token left after truncation")
-        return {"id": sample.id, **encoded}
+        return {"id": sample.id, **encoded, "box_problems": box_problems, "boxes_missing": boxes_missing}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.encode(self.samples[index])
@@ -196,3 +211,15 @@ class SafeDataset(torch.utils.data.Dataset):
                 continue
             return {**item, "replaced": reasons[:1]}  # the sample asked for, if it had to be replaced
         raise SampleError(f"{self.max_tries} consecutive unusable samples from index {index}: {reasons[-3:]}")
+
+
+def box_sanity(boxes: Boxes) -> list[str]:
+    """Problems of one image's boxes that the processor will silently repair (by dropping boxes)."""
+    xyxy, problems = boxes.xyxy, []
+    if not torch.isfinite(xyxy).all() or ((xyxy[:, 2] < xyxy[:, 0]) | (xyxy[:, 3] < xyxy[:, 1])).any():
+        problems.append("boxes with NaN/inf or inverted coordinates (they will be dropped)")
+    if boxes.frame is not None and len(xyxy):
+        width, height = boxes.frame
+        if (xyxy[:, 0] > width).any() or (xyxy[:, 1] > height).any():
+            problems.append("boxes outside their image frame (they will be dropped)")
+    return problems

@@ -1,4 +1,4 @@
-"""`MGLlavaImageProcessor`: one image -> the low-res and high-res tensors and the object boxes (SPEC section 2).
+"""`MGLlavaImageProcessor`: one image -> the low-res and high-res tensors and the object boxes (docs/design.md section 2).
 
     image (W x H, any mode) --load_image--> RGB, upright
       --pad to square (fill int(255 * mean), pasted at ((side-W)//2, (side-H)//2))-->  side x side
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BaseImageProcessor, BatchFeature
 
-from ..boxes.select import BoxOptions, FrameMap, prepare_boxes
+from ..boxes.select import BoxOptions, FrameMap, prepare_boxes, without_fallback
 from ..boxes.types import Boxes
-from .images import DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
-from .video import NUM_FRAMES, as_frames, frame_box_transform, frame_pixels
+from ..media.images import DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
+from ..media.video import as_frames
+from .video import frame_box_transform, frame_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,6 +64,7 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         box_per_label: int | None = None,
         box_empty_fallback: bool = True,
         invalid_boxes: str = "drop",
+        num_frames: int = 8,
         proposer: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -80,6 +82,9 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         self.box_per_label = box_per_label
         self.box_empty_fallback = bool(box_empty_fallback)
         self.invalid_boxes = invalid_boxes
+        if int(num_frames) < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.num_frames = int(num_frames)  # frames sampled per video (docs/design.md section 8: 8)
         self.proposer = proposer
         _ = self.box_options  # validates the box settings now rather than at the first image
 
@@ -127,10 +132,29 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         )[0]  # (3, S_lo, S_lo)
         return low, high
 
-    def boxes_for(self, boxes: Any, width: int, height: int, name: str = "boxes") -> Boxes:
+    def frame_map(self, width: int, height: int, video: bool = False) -> FrameMap:
+        """How a W x H image's pixels map into the high-res frame: square-padded (images) or short side
+        scaled and centre-cropped (video frames)."""
+        if video:
+            return FrameMap.cropped(
+                *frame_box_transform(width, height, self.high_res_size), self.high_res_size
+            )
+        return FrameMap.padded(width, height, self.high_res_size)
+
+    def boxes_for(
+        self, boxes: Any, width: int, height: int, name: str = "boxes", video: bool = False
+    ) -> Boxes:
         """Boxes in original pixels of a W x H image -> the model's high-res frame (see `boxes.select`)."""
-        frame = FrameMap.padded(width, height, self.high_res_size)
+        frame = self.frame_map(width, height, video)
         return prepare_boxes(Boxes.from_any(boxes, (width, height)), frame, self.box_options, name)
+
+    def used_boxes(self, boxes: Any, width: int, height: int, video: bool = False) -> Boxes:
+        """The boxes that become object tokens (selected as `boxes_for` selects them, without the zero-box
+        fallback), mapped back into the W x H image's pixels: what a user is shown of what the model saw."""
+        if boxes is None:
+            return Boxes.empty((width, height))
+        framed = without_fallback(self.boxes_for(boxes, width, height, video=video))
+        return self.frame_map(width, height, video).to_original(framed, (width, height))
 
     def _batch(
         self, lows: list[torch.Tensor], highs: list[torch.Tensor], framed: list[Boxes]
@@ -141,11 +165,13 @@ class MGLlavaImageProcessor(BaseImageProcessor):
             data["object_counts"] = torch.tensor([len(b) for b in framed], dtype=torch.long)
         return data
 
-    def video(
-        self, video: Any, boxes: list[Any] | None = None, num_frames: int = NUM_FRAMES
-    ) -> dict[str, Any]:
+    def frames(self, video: Any) -> list[Any]:
+        """A video (file path, PIL frames or a (T, H, W, 3) uint8 array) -> its `num_frames` RGB frames."""
+        return as_frames(video, self.num_frames)
+
+    def video(self, video: Any, boxes: list[Any] | None = None) -> dict[str, Any]:
         """One video -> per-frame tensors (T rows each) and per-frame boxes (`boxes[t]` in frame t's pixels)."""
-        frames = as_frames(video, num_frames)
+        frames = self.frames(video)
         if boxes is not None and len(boxes) != len(frames):
             raise ValueError(f"got boxes for {len(boxes)} frames but the video gives {len(frames)} frames")
         low = frame_pixels(frames, self.low_res_size, self.image_mean, self.image_std)
@@ -153,10 +179,8 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         framed = []
         if self.use_object_tokens:
             for t, frame in enumerate(frames):
-                scale, dx, dy = frame_box_transform(*frame.size, self.high_res_size)
-                mapping = FrameMap.cropped(scale, dx, dy, self.high_res_size)
-                raw = Boxes.from_any(None if boxes is None else boxes[t], frame.size)
-                framed.append(prepare_boxes(raw, mapping, self.box_options, f"boxes of video frame {t}"))
+                raw = None if boxes is None else boxes[t]
+                framed.append(self.boxes_for(raw, *frame.size, f"boxes of video frame {t}", video=True))
         return self._batch([low], [high], framed)
 
     def preprocess(

@@ -1,4 +1,4 @@
-"""`MGLlavaProcessor`: text, conversations, images and boxes -> model inputs (SPEC sections 2, 5, 6).
+"""`MGLlavaProcessor`: text, conversations, images and boxes -> model inputs (docs/design.md sections 2, 5, 6).
 
 Two ways in:
 - `processor(text=..., images=..., boxes=...)`: raw text; each `<image>` takes the next image. BOS is
@@ -352,7 +352,7 @@ class MGLlavaProcessor(ProcessorMixin):
         return_tensors: str = "pt",
         **kwargs: Any,
     ) -> Any:
-        """The model's chat template (SPEC section 6). `tokenize=True` gives the exact token sequence; with
+        """The model's chat template (docs/design.md section 6). `tokenize=True` gives the exact token sequence; with
         `return_dict=True` a padded batch with `labels` and the visual tensors."""
         template = get_template(chat_template or self.template)
         batched = bool(conversation) and isinstance(conversation[0], list)

@@ -1,4 +1,4 @@
-"""Chat templates and conversation encoding, token for token as the reference (SPEC section 6).
+"""Chat templates and conversation encoding, token for token as the reference (docs/design.md section 6).
 
 Each turn is encoded as ``[BOS] + enc(INSTRUCTION.format(input)) + enc(output + SUFFIX) [+ EOS] [+ enc(SEP)]``
 with every piece tokenised separately (`add_special_tokens=False`) and the instruction split at each
@@ -11,8 +11,9 @@ Messages may be LLaVA style (`{"from": "human"|"gpt"|"system", "value": str}`) o
 reference (`llava_map_fn`), a message holding one `<image>` has it moved to its start as `<image>\\n`, and
 consecutive user messages are joined. A message with several images keeps them where they are.
 
-SPEC note: SPEC section 6 prints phi3_chat's instruction as ``<|user|>{input}...``; every XTuner copy of
-the template (and Phi-3's own chat format) has a newline after ``<|user|>``, so that is what we use.
+phi3_chat follows the reference's own XTuner copy (`xtuner/utils/templates.py` of PhoenixZ810/MG-LLaVA, which
+its Phi-3 configs use): no newline after ``<|user|>`` or ``<|system|>``. Upstream XTuner and Phi-3's own chat
+format have one; the released MG-LLaVA Phi-3 checkpoint was trained without it (docs/design.md section 13).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ),
         ChatTemplate(
             "phi3_chat",
-            instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
-            system="<|system|>\n{system}<|end|>\n",
+            instruction="<|user|>{input}<|end|>\n<|assistant|>\n",
+            system="<|system|>{system}<|end|>\n",
             suffix="<|end|>",
             suffix_as_eos=True,
             sep="\n",

@@ -1,4 +1,4 @@
-"""Evaluation on the paper's benchmarks with the official scoring rules (SPEC sections 9 and 12).
+"""Evaluation on the paper's benchmarks with the official scoring rules (docs/design.md sections 9 and 12).
 
 Read in this order: `samples` (what a loader returns), `multiple_choice` / `short_answer` / `video_qa`
 (one module per benchmark family: formats, prompts, scoring), `metrics` (the official rules as pure

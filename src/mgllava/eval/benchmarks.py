@@ -52,6 +52,7 @@ class EvalOptions:
     model: str | None = None
     images: str | None = None
     boxes: str | None = None
+    max_missing_boxes: float = 0.0  # share of samples allowed to find no boxes in `boxes`
     annotations: str | None = None
     ocr: str | None = None
     limit: int | None = None

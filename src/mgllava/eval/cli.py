@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..utils.dtypes import DTYPES
 from .benchmarks import BENCHMARKS, EvalOptions
 from .metrics import CHOICE_RULES
 from .short_answer import SHORT_METRICS
@@ -59,6 +60,12 @@ def register(sub: Any) -> None:
     ev.add_argument("--images", help="folder of the images or videos the data file names")
     ev.add_argument("--boxes", help="box file (our JSONL or the reference's JSON); default: no boxes")
     ev.add_argument(
+        "--max-missing-boxes",
+        type=float,
+        default=0.0,
+        help="share of samples allowed to find no boxes in --boxes before the run is refused (default 0)",
+    )
+    ev.add_argument(
         "--annotations",
         help="ground truth in its own file: VQAv2 annotations, TextVQA JSON "
         "for a LLaVA question file, Video-ChatGPT test_a.json",
@@ -78,7 +85,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--out", help="output folder (default runs/eval/<benchmark>)")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, help="default: 100 (images), 50 (video)")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="auto", choices=list(DTYPES))
     ev.add_argument("--device", help="default: this rank's GPU, else CPU")
     ev.add_argument("--judge-url", help="OpenAI-compatible base URL of the video QA judge")
     ev.add_argument("--judge-model", default="gpt-3.5-turbo")

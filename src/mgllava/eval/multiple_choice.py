@@ -11,7 +11,7 @@ Formats read:
 - ScienceQA's own `problems.json` (`{pid: {question, choices, answer, hint, image, split, subject}}`;
   questions with an image in the chosen split; images at `<--images>/<pid>/<image>`).
 
-Prompt (SPEC section 9, the reference's `MGLLaVAProxyEvalDataset`):
+Prompt (docs/design.md section 9, the reference's `MGLLaVAProxyEvalDataset`):
 `<image>\\n[hint\\n]question\\nA. ...\\nB. ...\\nAnswer with the option's letter from the given choices directly.`
 (the Chinese instruction `请直接回答选项字母。` when the text holds a CJK character, as the reference does).
 

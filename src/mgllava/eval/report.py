@@ -86,6 +86,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{counts['missing']} not answered, {counts['invalid']} invalid in the input, "
         f"{counts['no_ground_truth']} without ground truth |"
     )
+    if results.get("boxes"):
+        b = results["boxes"]
+        rules = ", ".join(f"{n} by {rule}" for rule, n in sorted(b["found"].items())) or "none found"
+        lines.append(
+            f"| boxes found | {b['looked_up'] - b['missing']} of {b['looked_up']} in `{b['box_file']}` ({rules}); "
+            f"{b['missing']} without boxes (zero-box fallback) |"
+        )
     for judge, summary in results.get("judges", {}).items():
         extra = f", mean score {summary['average_score']:.2f}" if "average_score" in summary else ""
         failed = f", {len(summary['failed'])} failed" if summary.get("failed") else ""
@@ -105,6 +112,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     for group, table in results["categories"].items():
         lines += ["", f"## by {group}", "", f"| {group} | score | n |", "|---|---:|---:|"]
         lines += [f"| {name} | {row['score']:.2f} | {row['n']} |" for name, row in table.items()]
+    if results.get("boxes", {}).get("missing"):
+        lines += ["", f"## Samples without boxes ({results['boxes']['missing']}, first shown)", ""]
+        lines += [f"- {example}" for example in results["boxes"]["missing_examples"]]
     for title, key in (("Invalid input", "invalid"), ("Failed samples", "failed")):
         if results[key]:
             lines += ["", f"## {title} ({len(results[key])})", ""]

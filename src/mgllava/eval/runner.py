@@ -1,9 +1,11 @@
 """The evaluation runner: load a benchmark, answer every sample, score, write results.
 
     benchmark files --loader--> samples (+ input issues)
+        --look up every sample's boxes (boxes.lookup), refuse past --max-missing-boxes--> boxes per sample
         --skip keys already answered in <out>/shards/*.jsonl (resume)--> to do
         --shard over torchrun ranks (every world_size-th sample)--> this rank's samples
-        --batches: decode image/video, look up boxes, left-padded batch, greedy generate-->
+        --batches through the inference engine (the same path as chat and serve: decoding, prompts,
+          visual rows cached by content, left-padded greedy generate, stop tokens)-->
         <out>/shards/rank<r>.jsonl (one line per answer, appended as produced)
         --gather to rank 0--> <out>/predictions.jsonl (data order) --scorer--> results.json + results.md
 
@@ -12,9 +14,12 @@ variant, answer length); a later run into the same folder with other settings is
 answers of two models.
 
 Decoding is greedy with no system prompt, the prompt encoded as the reference does (BOS, the chat template's
-instruction around the benchmark text, tokenised in pieces around the `<image>` tag). A sample whose image or
-video cannot be read, or whose prompt does not fit, gets an error line instead of an answer: it is retried on
-the next run and, while it fails, listed in the results (never scored). A batch that fails is retried one
+instruction around the benchmark text, tokenised in pieces around the `<image>` tag): one user turn through
+`inference.Engine`. Boxes: a sample's boxes are looked up in `--boxes` by the one rule of `boxes.lookup`
+(its box id and group id, its image path, its content hash); images the file lacks are counted and listed
+in the results, and more than `--max-missing-boxes` of them stop the run before anything is written.
+A sample whose image or video cannot be read, or whose prompt does not fit, gets an error line instead of an
+answer: it is retried on the next run and, while it fails, listed in the results (never scored). A batch that fails is retried one
 sample at a time so that one bad sample does not cost its neighbours. Results files hold no timings, so a
 resumed run and an uninterrupted one write identical files.
 """
@@ -29,15 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
 from tqdm import tqdm
 
-from ..boxes.files import BoxIndex, sha256_bytes, sha256_file
-from ..boxes.types import Boxes
-from ..data.images import ImageError, load_image
-from ..data.templates import get_template
-from ..data.video import VideoError, as_frames
+from ..boxes.lookup import BoxLookup, ImageKey
+from ..inference.engine import Engine, GenerationSettings
 from ..utils import dist
 from ..utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from .benchmarks import Benchmark, EvalOptions, get_benchmark
@@ -56,109 +56,92 @@ SHARDS = "shards"
 
 
 @dataclass
-class Prepared:
-    """A sample with its pixels decoded and its boxes found (None: no boxes, the zero-box fallback)."""
+class Request:
+    """A sample ready to answer: where its pixels are (an image path or bytes, or a video path) and the boxes
+    found for them (None: none found; the engine's proposer, if any, then proposes)."""
 
     sample: Sample
-    image: Image.Image | None = None
-    frames: list[Image.Image] | None = None
-    boxes: Any = None
+    image: str | bytes | None = None
+    video: str | None = None
+    boxes: Any = None  # an image's Boxes, or one Boxes per video frame
 
 
-GenerateFn = Callable[[list[Prepared]], list[str]]
+GenerateFn = Callable[[list[Request]], list[str]]
 
 
-# -- preparing samples --------------------------------------------------------------------------------------
-def _image_boxes(sample: Sample, index: BoxIndex | None) -> Boxes | None:
-    if index is None:
-        return None
-    ids = [sample.box_id, sample.meta.get("group")]
-    for box_id in dict.fromkeys(i for i in ids if i is not None):
-        boxes = index.boxes_for(id=box_id)
-        if boxes is not None:
-            return boxes
-    if isinstance(sample.image, bytes):
-        return index.boxes_for(sha256=sha256_bytes(sample.image))
-    if isinstance(sample.image, str) and Path(sample.image).is_file():
-        return index.boxes_for(image=sample.image, sha256=sha256_file(sample.image))
-    return None
+# -- boxes --------------------------------------------------------------------------------------------------
+def _box_ids(sample: Sample) -> list[str]:
+    return [i for i in dict.fromkeys((sample.box_id, sample.meta.get("group"))) if i is not None]
 
 
-def prepare(sample: Sample, index: BoxIndex | None) -> Prepared:
-    """Decode the sample's image or video; raises ValueError / FileNotFoundError naming the input."""
-    if sample.video is not None:
-        path = find_video(sample.video)
-        frames = as_frames(path)
-        boxes = index.frames_for(id=sample.box_id, video=Path(path).name) if index is not None else None
-        if boxes is not None and len(boxes) != len(frames):
-            raise ValueError(
-                f"box file has {len(boxes)} frames for video {sample.box_id!r}, the video gives {len(frames)}"
+def find_boxes(samples: list[Sample], lookup: BoxLookup | None, max_missing: float) -> dict[str, Any]:
+    """Every sample's boxes by key, looked up before anything is answered; `MissingBoxes` when more than
+    `max_missing` of the samples find none (a box file keyed for other ids, say)."""
+    if lookup is None:
+        return {}
+    found: dict[str, Any] = {}
+    for sample in samples:
+        if sample.video is not None:
+            try:
+                path = find_video(sample.video)
+            except FileNotFoundError:
+                path = sample.video
+            found[sample.key] = lookup.video(_box_ids(sample), path)
+        elif sample.image is not None:
+            key = ImageKey.of(
+                sample.image, _box_ids(sample), sample.image if isinstance(sample.image, str) else None
             )
-        return Prepared(sample, frames=frames, boxes=boxes)
+            found[sample.key] = lookup.image(key)
+    lookup.check_missing(max_missing, "benchmark samples")
+    return found
+
+
+def prepare(sample: Sample, boxes: Any = None) -> Request:
+    """Where the sample's pixels are; raises ValueError / FileNotFoundError naming the input."""
+    if sample.video is not None:
+        return Request(sample, video=find_video(sample.video), boxes=boxes)
     if sample.image is None:
         raise ValueError("sample has no image")
-    return Prepared(sample, image=load_image(sample.image), boxes=_image_boxes(sample, index))
+    return Request(sample, image=sample.image, boxes=boxes)
 
 
 # -- generation ---------------------------------------------------------------------------------------------
-class Generator:
-    """Batched greedy answers from an MG-LLaVA model and its processor."""
+class EngineGenerator:
+    """Greedy answers through `inference.Engine`, the path chat and serve use: one user turn per sample,
+    requests batched into one left-padded `generate`, visual rows cached by content (MMBench's rotated
+    copies of a question encode their image once)."""
 
-    def __init__(self, model: Any, processor: Any, max_new_tokens: int) -> None:
-        self.model = model
-        self.processor = processor
-        self.max_new_tokens = max_new_tokens
-        self.template = get_template(processor.template)
+    def __init__(self, engine: Engine, max_new_tokens: int) -> None:
+        self.engine = engine
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens)
 
-    def __call__(self, batch: list[Prepared]) -> list[str]:
-        texts = [self.template.instruction.format(input=p.sample.prompt) for p in batch]
-        images = [p for p in batch if p.image is not None]
-        videos = [p for p in batch if p.frames is not None]
-        inputs = self.processor(
-            text=texts,
-            images=[p.image for p in images] or None,
-            boxes=[p.boxes for p in images] if images else None,
-            videos=[p.frames for p in videos] or None,
-            video_boxes=[p.boxes for p in videos] if videos else None,
-            padding_side="left",
-        )
-        device = next(self.model.parameters()).device
-        inputs = inputs.to(device)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1] :]
-        return [self.processor.decode_answer(row) for row in new]
+    def __call__(self, batch: list[Request]) -> list[str]:
+        prepared = [self._prepare(r) for r in batch]
+        return [result.text for result in self.engine.generate(prepared)]
+
+    def _prepare(self, request: Request):
+        messages = [{"role": "user", "content": request.sample.prompt}]
+        if request.video is not None:
+            return self.engine.prepare(messages, images=[], video=request.video, video_boxes=request.boxes,
+                                       settings=self.settings)  # fmt: skip
+        return self.engine.prepare(messages, images=[request.image], boxes=[request.boxes],
+                                   settings=self.settings)  # fmt: skip
 
 
-def load_generator(opts: EvalOptions, max_new_tokens: int) -> Generator:
-    """The saved MG-LLaVA folder `opts.model`, ready for greedy generation."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from ..model.loading import configure_generation
-    from ..model.modeling import MGLlavaForConditionalGeneration
-
+def load_generator(opts: EvalOptions, max_new_tokens: int, proposer: Any = None) -> EngineGenerator:
+    """The saved MG-LLaVA folder `opts.model` behind an engine, ready for greedy answers."""
     if opts.model is None:
         raise ValueError("--model is required to generate answers (or pass --score-only)")
-    if not Path(opts.model).is_dir():
-        raise FileNotFoundError(f"model folder {opts.model}: no such folder")
-    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if opts.dtype not in dtypes:
-        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {opts.dtype!r}")
-    model = AutoModelForImageTextToText.from_pretrained(opts.model, dtype=dtypes[opts.dtype])
-    if not isinstance(model, MGLlavaForConditionalGeneration):
-        raise ValueError(f"{opts.model} holds a {type(model).__name__}, not an MG-LLaVA model")
     device = opts.device or str(dist.info().device)
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(opts.model)
-    configure_generation(model, processor)
-    return Generator(model, processor, max_new_tokens)
+    engine = Engine.from_pretrained(opts.model, dtype=opts.dtype, device=device, proposer=proposer)
+    return EngineGenerator(engine, max_new_tokens)
 
 
-def _answer(generate: GenerateFn, batch: list[Prepared]) -> list[dict[str, Any]]:
+def _answer(generate: GenerateFn, batch: list[Request]) -> list[dict[str, Any]]:
     """Records for a batch; on a failing batch, each sample alone (so the error lands on its sample)."""
     try:
         texts = generate(batch)
-    except (ValueError, ImageError, VideoError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # EngineInputError is a ValueError
         if len(batch) > 1:
             return [r for p in batch for r in _answer(generate, [p])]
         return [{"key": batch[0].sample.key, "error": f"generation failed: {type(err).__name__}: {err}"}]
@@ -181,7 +164,7 @@ def read_records(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _generate_shard(
-    todo: list[Sample], generate: GenerateFn, index: BoxIndex | None, writer: JsonlWriter, batch_size: int
+    todo: list[Sample], generate: GenerateFn, boxes: dict[str, Any], writer: JsonlWriter, batch_size: int
 ) -> list[dict[str, Any]]:
     info = dist.info()
     mine = dist.shard(todo, info.rank, info.world_size)
@@ -191,11 +174,11 @@ def _generate_shard(
     )
     try:
         for start in range(0, len(mine), batch_size):
-            ready: list[Prepared] = []
+            ready: list[Request] = []
             records: list[dict[str, Any]] = []
             for sample in mine[start : start + batch_size]:
                 try:
-                    ready.append(prepare(sample, index))
+                    ready.append(prepare(sample, boxes.get(sample.key)))
                 except (ValueError, FileNotFoundError, OSError) as err:
                     records.append({"key": sample.key, "error": str(err)})
             if ready:
@@ -265,6 +248,8 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
     max_new = opts.max_new_tokens or bench.max_new_tokens
     out = Path(opts.out)
     stamp = _check_folder(out, opts, max_new)
+    lookup = BoxLookup.load(opts.boxes) if opts.boxes else None
+    boxes = find_boxes(loaded.samples, lookup, opts.max_missing_boxes)
     done = read_records(out)
     dist.barrier()  # every rank has read what is on disk before anyone appends
     todo = [s for s in loaded.samples if "prediction" not in done.get(s.key, {})]
@@ -275,9 +260,8 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
         generate = generate or load_generator(opts, max_new)
         if info.is_main and not (out / STAMP).is_file():
             atomic_write_json(out / STAMP, stamp)
-        index = BoxIndex.load(opts.boxes) if opts.boxes else None
         with JsonlWriter(out / SHARDS / f"rank{info.rank}.jsonl", key=lambda r: r["key"]) as writer:
-            new = _generate_shard(todo, generate, index, writer, opts.batch_size)
+            new = _generate_shard(todo, generate, boxes, writer, opts.batch_size)
         elapsed = time.perf_counter() - start
     gathered = dist.gather_objects(new)
     if not info.is_main:
@@ -286,7 +270,7 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
         for record in records:
             if "prediction" in record or "prediction" not in done.get(record["key"], {}):
                 done[record["key"]] = record
-    results = _finish(bench, opts, loaded, done, out, max_new)
+    results = _finish(bench, opts, loaded, done, out, max_new, lookup)
     answered = sum(len(r) for r in gathered)
     run = {
         "world_size": info.world_size,
@@ -307,10 +291,13 @@ def _finish(
     records: dict[str, dict[str, Any]],
     out: Path,
     max_new: int,
+    lookup: BoxLookup | None = None,
 ) -> dict[str, Any]:
     predictions = {k: r["prediction"] for k, r in records.items() if "prediction" in r}
     scored = bench.score(loaded, predictions, opts, out)
     results = build_results(bench, opts, loaded, records, scored, max_new)
+    if lookup is not None:
+        results["boxes"] = lookup.summary()
     _write_predictions(loaded, records, scored, out / PREDICTIONS)
     atomic_write_json(out / RESULTS, results)
     atomic_write_text(out / TABLE, render_markdown(results))

@@ -17,7 +17,7 @@ Formats read:
 - short-answer VQA JSONL (ours): one object a line, `{"id", "image", "question", "answers": [...],
   "category"?, "prompt"?}`; `prompt`, when present, is used as the question text verbatim.
 
-Prompts (SPEC section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`;
+Prompts (docs/design.md section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`;
 TextVQA's LLaVA variant puts `\\nReference OCR token: t1, t2, ...` between question and instruction (left
 out when an image has no OCR tokens); a LLaVA question file's `text` is used as it is.
 

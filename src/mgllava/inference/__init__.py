@@ -8,7 +8,6 @@ from .engine import (
     EngineInputError,
     GenerationSettings,
     Prepared,
-    Proposer,
     VisualBoxes,
 )
 
@@ -22,6 +21,5 @@ __all__ = [
     "GenerationSettings",
     "Job",
     "Prepared",
-    "Proposer",
     "VisualBoxes",
 ]

@@ -11,11 +11,13 @@
   running each request alone (left padding with real attention masks, as `tests/test_modeling.py` checks).
 - Reuse: a Frame's key is a digest of its pixel tensors and boxes, so the images of a conversation are
   encoded once and every later turn (which re-sends the whole conversation) reuses their visual rows.
-  Proposed boxes are cached by the decoded image's pixels.
-- Boxes: user boxes (original pixels) win; else the optional `proposer` (image -> `Boxes` in original
-  pixels, e.g. tagger + OWLv2); else none (the model then sees its zero-box fallback row, as the
-  reference). The boxes reported back are the ones that became object tokens (after NMS and capping),
-  mapped back to the image's pixels.
+  Proposed boxes are cached by the proposer (by content).
+- Boxes: user boxes (original pixels) win; else the optional `proposer` (`boxes.BoxProposer`: a box file
+  looked up by the one rule of `boxes.lookup`, then tagger + OWLv2, with its own cache); else none (the
+  model then sees its zero-box fallback row, as the reference). Each image reports where its boxes came
+  from (`request`, `box_file`, `proposer`, `missing` when a box file without detector lacks the image, or
+  `none`) and the boxes that became object tokens (after NMS and capping) in its pixels, as the image
+  processor selects them (`MGLlavaImageProcessor.used_boxes`).
 
 The engine knows nothing of HTTP or terminals: errors in the caller's input are `EngineInputError`
 (a `ValueError` naming the input, with a `param` and a machine-readable `code`).
@@ -36,19 +38,18 @@ from PIL import Image
 from transformers import StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..boxes import Boxes, FrameMap, prepare_boxes
-from ..boxes.select import without_fallback
-from ..data.images import ImageError, ImageTooLarge, load_image
+from ..boxes import Boxes, BoxProposer
+from ..boxes.lookup import ImageKey
+from ..convert.folder import configure_generation
 from ..data.processor import images_in_messages
-from ..data.video import NUM_FRAMES, VideoError, as_frames, frame_box_transform
-from ..model.loading import configure_generation
+from ..media.images import ImageError, ImageTooLarge, load_image
+from ..media.video import VideoError
+from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
 from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback
 
 logger = logging.getLogger(__name__)
-
-Proposer = Callable[[Image.Image], Boxes]
-"""Image -> boxes in its original pixels, labelled with their tags (the online tagger + detector)."""
+ORIGINS = {"box_file": "box_file", "detector": "proposer", "missing": "missing"}  # Proposal.source -> report
 
 FRAME_KEYS = ("pixel_values", "high_res_pixel_values", "object_boxes", "object_counts")
 
@@ -104,7 +105,7 @@ class VisualBoxes:
     width: int
     height: int
     boxes: Boxes
-    source: str  # "request" (given by the caller), "proposer", or "none"
+    source: str  # "request" (the caller's), "box_file", "proposer" (the detector), "missing" or "none"
 
     @property
     def tags(self) -> list[str]:
@@ -159,7 +160,7 @@ class Engine:
         self,
         model: Any,
         processor: Any,
-        proposer: Proposer | None = None,
+        proposer: BoxProposer | None = None,
         *,
         max_image_pixels: int | None = None,
         feature_cache_bytes: int = 1 << 30,
@@ -172,29 +173,34 @@ class Engine:
             processor.image_processor.max_image_pixels = max_image_pixels
         configure_generation(model, processor)
         self.features: LRUCache[torch.Tensor] = LRUCache(feature_cache_bytes)
-        self.proposals: LRUCache[Boxes] = LRUCache(64 << 20, size_of=lambda b: 64 + 32 * len(b))
         self.encode_batch_size = encode_batch_size
         self._model_lock = threading.Lock()
         self._text_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
-        self._proposer_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
-        proposer: Proposer | None = None,
+        proposer: BoxProposer | None = None,
         **options: Any,
     ) -> Engine:
-        """An engine over a saved MG-LLaVA folder (`mgllava assemble` / `write_folder` output)."""
+        """An engine over a saved MG-LLaVA folder (`mgllava assemble` / `write_folder` output). `dtype`: a
+        torch dtype or a name of `utils.dtypes.DTYPES`; None or "auto": as saved."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from ..model.modeling import MGLlavaForConditionalGeneration
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model folder {str(path)!r}: no such folder")
         if not Path(path, "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, AutoProcessor.from_pretrained(path), proposer, **options)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype))
+        if not isinstance(model, MGLlavaForConditionalGeneration):
+            raise ValueError(f"{path} holds a {type(model).__name__}, not an MG-LLaVA model")
+        return cls(model.to(device), AutoProcessor.from_pretrained(path), proposer, **options)
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -224,24 +230,32 @@ class Engine:
         `boxes[i]` are image i's boxes in its pixels (None: ask the proposer); `video` is a file path, PIL
         frames or a (T, H, W, 3) array, attached to the conversation's `<video>` tag."""
         settings = settings or GenerationSettings()
-        pil = self._load_images(messages, images)
-        raw_boxes, sources = self._image_boxes(pil, boxes)
-        frames, frame_boxes, frame_sources = self._load_video(video, video_boxes)
+        sources, pil = self._load_images(messages, images)
+        raw_boxes, origins = self._image_boxes(sources, pil, boxes)
+        frames, frame_boxes, frame_origins = self._load_video(video, video_boxes)
         batch = self._encode(messages, pil, raw_boxes, frames, frame_boxes)
         ids = batch["input_ids"][0].tolist()
         self._check_length(ids, settings, bool(frames))
-        side = self.processor.image_processor.high_res_size
         image_report = [
-            _used(b, _image_map(img, side), img.size, s, self.processor.image_processor)
-            for img, b, s in zip(pil, raw_boxes, sources, strict=True)
+            self._report(img, b, origin, video=False)
+            for img, b, origin in zip(pil, raw_boxes, origins, strict=True)
         ]
         video_report = [
-            _used(b, _frame_map(f, side), f.size, s, self.processor.image_processor)
-            for f, b, s in zip(frames, frame_boxes, frame_sources, strict=True)
+            self._report(f, b, origin, video=True)
+            for f, b, origin in zip(frames, frame_boxes, frame_origins, strict=True)
         ]
         return Prepared(ids, _frames(batch), image_report, video_report, settings)
 
-    def _load_images(self, messages: list[dict[str, Any]], images: Sequence[Any] | None) -> list[Image.Image]:
+    def _report(self, image: Image.Image, raw: Boxes | None, origin: str, video: bool) -> VisualBoxes:
+        """The boxes that became object tokens, in the image's pixels, as the image processor selects them."""
+        used = self.processor.image_processor.used_boxes(raw, *image.size, video=video)
+        return VisualBoxes(image.size[0], image.size[1], used, origin)
+
+    def _load_images(
+        self, messages: list[dict[str, Any]], images: Sequence[Any] | None
+    ) -> tuple[list[Any], list[Image.Image]]:
+        """The images' sources (paths, bytes, arrays or PIL images, kept for box look-ups by content) and
+        their decoded RGB images."""
         if images is not None:
             sources = [(f"images[{k}]", image) for k, image in enumerate(images)]
         else:
@@ -253,7 +267,7 @@ class Engine:
                     where = f"messages[{i}].content"
                     raise EngineInputError(f"messages[{i}]: {err}", where, "invalid_image") from err
                 sources += [(f"messages[{i}]", image) for image in found]
-        return [self._load_image(image, where) for where, image in sources]
+        return [image for _, image in sources], [self._load_image(image, where) for where, image in sources]
 
     def _load_image(self, source: Any, where: str) -> Image.Image:
         try:
@@ -264,39 +278,39 @@ class Engine:
             raise EngineInputError(f"{where}: {err}", where, "invalid_image") from err
 
     def _image_boxes(
-        self, images: list[Image.Image], boxes: Sequence[Any] | None
+        self, sources: list[Any], images: list[Image.Image], boxes: Sequence[Any] | None, name: str = "boxes"
     ) -> tuple[list[Boxes | None], list[str]]:
         if boxes is not None and len(boxes) != len(images):
-            raise EngineInputError(
-                f"got boxes for {len(boxes)} images but the conversation has {len(images)} images", "boxes"
+            what = (
+                "video frames but the video gives"
+                if name == "video_boxes"
+                else "images but the conversation has"
             )
+            unit = "" if name == "video_boxes" else " images"
+            raise EngineInputError(f"got boxes for {len(boxes)} {what} {len(images)}{unit}", name)
         given = list(boxes) if boxes is not None else [None] * len(images)
-        pairs = [
-            self._raw_boxes(img, b, f"boxes[{k}]")
-            for k, (img, b) in enumerate(zip(images, given, strict=True))
-        ]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-
-    def _raw_boxes(self, image: Image.Image, given: Any, where: str) -> tuple[Boxes | None, str]:
+        out: list[Boxes | None] = [None] * len(images)
+        origins = ["none"] * len(images)
         if not self.uses_object_tokens:
-            return None, "none"
-        if given is not None:
-            try:
-                return Boxes.from_any(given, image.size), "request"
-            except ValueError as err:
-                raise EngineInputError(f"{where}: {err}", where, "invalid_boxes") from err
-        if self.proposer is None:
-            return None, "none"
-        return self._propose(image), "proposer"
+            return out, origins
+        for k, (image, value) in enumerate(zip(images, given, strict=True)):
+            if value is not None:
+                out[k], origins[k] = self._given(value, image, f"{name}[{k}]"), "request"
+        todo = [k for k, value in enumerate(given) if value is None]
+        if self.proposer is not None and todo:
+            proposals = self.proposer.propose(
+                [ImageKey.of(sources[k]) for k in todo], [images[k] for k in todo]
+            )
+            for k, proposal in zip(todo, proposals, strict=True):
+                out[k], origins[k] = proposal.boxes, ORIGINS[proposal.source]
+        return out, origins
 
-    def _propose(self, image: Image.Image) -> Boxes:
-        key = digest(image.tobytes(), f"{image.size}")
-        found = self.proposals.get(key)
-        if found is None:
-            with self._proposer_lock:
-                found = Boxes.from_any(self.proposer(image), image.size)
-            self.proposals.put(key, found)
-        return found
+    @staticmethod
+    def _given(value: Any, image: Image.Image, where: str) -> Boxes:
+        try:
+            return Boxes.from_any(value, image.size)
+        except ValueError as err:
+            raise EngineInputError(f"{where}: {err}", where, "invalid_boxes") from err
 
     def _load_video(
         self, video: Any, video_boxes: Sequence[Any] | None
@@ -306,20 +320,14 @@ class Engine:
                 raise EngineInputError("video_boxes given without a video", "video_boxes")
             return [], [], []
         try:
-            frames = as_frames(video, NUM_FRAMES)
+            frames = self.processor.image_processor.frames(video)
         except VideoError as err:
             raise EngineInputError(str(err), "video", "invalid_video") from err
-        if video_boxes is not None and len(video_boxes) != len(frames):
-            raise EngineInputError(
-                f"got boxes for {len(video_boxes)} video frames but the video gives {len(frames)}",
-                "video_boxes",
-            )
-        given = list(video_boxes) if video_boxes is not None else [None] * len(frames)
-        pairs = [
-            self._raw_boxes(f, b, f"video_boxes[{t}]")
-            for t, (f, b) in enumerate(zip(frames, given, strict=True))
-        ]
-        return frames, [p[0] for p in pairs], [p[1] for p in pairs]
+        lookup = self.proposer.lookup if self.proposer is not None else None
+        if video_boxes is None and lookup is not None and isinstance(video, (str, Path)):
+            video_boxes = lookup.video(path=str(video))  # a box file keys videos by id, path or file name
+        # frames have no encoded bytes: the proposer keys their detections by pixels
+        return frames, *self._image_boxes([None] * len(frames), frames, video_boxes, "video_boxes")
 
     def _encode(
         self,
@@ -532,25 +540,6 @@ class ChatStream:
 
     def cancel(self) -> None:
         self._cancel.set()
-
-
-def _image_map(image: Image.Image, side: int) -> FrameMap:
-    return FrameMap.padded(*image.size, side)
-
-
-def _frame_map(frame: Image.Image, side: int) -> FrameMap:
-    return FrameMap.cropped(*frame_box_transform(*frame.size, side), side)
-
-
-def _used(
-    raw: Boxes | None, mapping: FrameMap, size: tuple[int, int], source: str, image_processor: Any
-) -> VisualBoxes:
-    """The boxes that became object tokens (selection as the processor does it), in original pixels."""
-    width, height = size
-    if raw is None:
-        return VisualBoxes(width, height, Boxes.empty(size), source)
-    framed = without_fallback(prepare_boxes(raw, mapping, image_processor.box_options))
-    return VisualBoxes(width, height, mapping.to_original(framed, size), source)
 
 
 def _frames(batch: dict[str, torch.Tensor]) -> list[Frame]:

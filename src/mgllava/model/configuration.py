@@ -1,11 +1,11 @@
-"""`MGLlavaConfig`: the HF config of MG-LLaVA (SPEC sections 1-5).
+"""`MGLlavaConfig`: the HF config of MG-LLaVA (docs/design.md sections 1-5).
 
 Three sub-configs - the CLIP low-res tower (`vision_config`), the ConvNeXt high-res tower
 (`high_res_config`, its `image_size` is the high-res input side) and the LLM (`text_config`) - plus the
 new modules: `fusion` ("conv_gate", the paper's; ablations "none", "concat", "patch_info_mining",
 "resampler"), `object_tokens` ("concat", the paper's; ablations "off", "cross_attn_f2b", "cross_attn_b2f"), and
 `image_token_id`, the placeholder id that the processor repeats once per visual row
-(576 image rows + one row per object box, SPEC section 6).
+(576 image rows + one row per object box, docs/design.md section 6).
 
 Sizes are derived, never hard-coded: the CLIP grid is `image_size // patch_size`, the ConvNeXt last-stage
 grid is `image_size // (patch_size * 2 ** (num_stages - 1))`; a pair whose grids differ is refused here.
@@ -29,10 +29,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any, Literal
 
-import yaml
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from ..config import read_yaml
 
 FUSIONS = ("none", "conv_gate", "concat", "patch_info_mining", "resampler")
 OBJECT_TOKENS = ("off", "concat", "cross_attn_f2b", "cross_attn_b2f")
@@ -61,11 +62,11 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The raw preset dict (`model` and `processor` sections) of `mgllava/configs/models/<name>.yaml`."""
-    path = resources.files("mgllava") / "configs" / "models" / f"{name}.yaml"
-    if not path.is_file():
+    """The raw preset dict (`model` and `processor` sections) of `mgllava/configs/models/<name>.yaml`, read
+    with the project's YAML rules (`mgllava.config`: `off` stays a string, `base:` chains merge)."""
+    if name not in preset_names():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    return yaml.safe_load(path.read_text())
+    return read_yaml(name, "models")
 
 
 def low_res_grid(vision_config: PreTrainedConfig) -> int:

@@ -1,4 +1,4 @@
-"""The two frozen vision towers and the contract they publish (SPEC sections 1 and 3).
+"""The two frozen vision towers and the contract they publish (docs/design.md sections 1 and 3).
 
 - `LowResEncoder`: transformers `CLIPVisionModel` (openai/clip-vit-large-patch14-336 in the paper).
   Output: hidden_states[vision_feature_layer] without CLS, (B, grid*grid, hidden_size) = (B, 576, 1024).

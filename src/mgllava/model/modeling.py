@@ -1,4 +1,4 @@
-"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (SPEC sections 1, 5, 6).
+"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (docs/design.md sections 1, 5, 6).
 
     pixel_values (B_img,3,336,336) ──► vision_tower ──► L (B_img,576,C_lo) ─┐
     high_res_pixel_values (B_img,3,768,768) ──► high_res_tower ──► S_0..S_3 ├► fusion ─► F (B_img,576,C_lo)
@@ -11,7 +11,7 @@ model fills them in order; a count mismatch is an error naming both numbers. `ge
 one `(576 + n_i, H)` tensor per image, so transformers' `generate` encodes the images once before prefill
 (`mm_encoder_outputs`) and callers may pass pre-computed features to reuse them across turns.
 
-Deviations from the reference (SPEC section 11): real attention masks and position ids for padded
+Deviations from the reference (docs/design.md section 11): real attention masks and position ids for padded
 batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200. RoI
 features are averaged in float32 and then cast (the reference casts before the 56x56 mean).
 """
@@ -40,6 +40,15 @@ class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
     (576 + n_i, H) tensor of visual rows per image), as `LlavaForConditionalGeneration` declares it."""
 
 
+# The top-level modules, in data-flow order. The pretrained parts come from released checkpoints, the new
+# ones are MG-LLaVA's own. A variant builds a subset (no `box_projector` when object tokens are off);
+# training stages name these (or the group `new_modules`), and the model refuses a module not listed here.
+MODULES = ("vision_tower", "high_res_tower", "fusion", "projector", "box_projector", "object_mixer",
+           "language_model")  # fmt: skip
+PRETRAINED_MODULES = ("vision_tower", "high_res_tower", "language_model")
+NEW_MODULES = tuple(m for m in MODULES if m not in PRETRAINED_MODULES)
+
+
 def _param_of(module: nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
@@ -64,12 +73,16 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if hasattr(module, "init_rule"):
-            init_leaf(module)  # Conv-Gate layers: SPEC section 4 init, identity at start
+            init_leaf(module)  # Conv-Gate layers: docs/design.md section 4 init, identity at start
         else:
             super()._init_weights(module)
 
 
 class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
+    MODULES = MODULES
+    PRETRAINED_MODULES = PRETRAINED_MODULES
+    NEW_MODULES = NEW_MODULES
+
     def __init__(self, config: MGLlavaConfig) -> None:
         super().__init__(config)
         hidden = config.text_config.hidden_size
@@ -87,7 +100,15 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         )
         self.object_mixer = ObjectMixer(config.object_tokens, hidden)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        undeclared = [name for name, _ in self.named_children() if name not in self.MODULES]
+        if undeclared:
+            raise TypeError(f"modules {undeclared} are not declared in mgllava.model.modeling.MODULES")
         self.post_init()
+
+    def new_modules(self) -> list[str]:
+        """The names of this variant's own (non-pretrained) modules that have parameters."""
+        children = dict(self.named_children())
+        return [n for n in self.NEW_MODULES if n in children and any(True for _ in children[n].parameters())]
 
     # -- embeddings delegate to the LLM -------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

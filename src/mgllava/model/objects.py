@@ -1,4 +1,4 @@
-"""Object tokens: one feature vector per box, pooled from the high-res ConvNeXt stages (SPEC section 5).
+"""Object tokens: one feature vector per box, pooled from the high-res ConvNeXt stages (docs/design.md section 5).
 
 Reference definition, for one image with stage maps ``S_s`` of shape ``(C_s, H_s, W_s)``::
 

@@ -28,11 +28,10 @@ def _train(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from ..data.checks import check_dataset, exit_code, format_summary
     from ..data.dataset import LlavaDataset, load_samples
-    from .trainer import build_model
+    from .setup import build_processor
 
     config = _load(args)
-    _, processor = build_model(config)
-    dataset = LlavaDataset(load_samples(config.data, config.seed), processor, config.data.num_frames)
+    dataset = LlavaDataset(load_samples(config.data, config.seed), build_processor(config))
     out = args.out or f"{config.output_dir}/check-data"
     summary = check_dataset(dataset, out, args.max_bad_fraction, args.workers)
     print(format_summary(summary))

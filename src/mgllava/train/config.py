@@ -1,4 +1,4 @@
-"""The training config: model, data, stage, run settings (SPEC section 8 defaults).
+"""The training config: model, data, stage, run settings (docs/design.md section 8 defaults).
 
 Global batch = per_device_batch_size x gradient accumulation x world size; the accumulation is derived
 from `global_batch_size` and the number of processes, so one config runs on 1 or N workers with the same
@@ -10,32 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TRAINABLE = ("vision_tower", "high_res_tower", "fusion", "projector", "box_projector", "language_model")
+from ..data.config import DataConfig
+from ..model.modeling import MODULES
 
-
-@dataclass
-class DataSource:
-    path: str  # LLaVA JSON or JSONL: records with id, image | video | neither, conversations
-    image_root: str | None = None
-    video_root: str | None = None
-    boxes: str | None = None  # box file: ours (.jsonl) or the reference's (.json)
-    sample: str = "all"  # all | first:N | random:N
-
-    def __post_init__(self) -> None:
-        rule, _, n = self.sample.partition(":")
-        if rule == "all" and not n:
-            return
-        if rule not in ("first", "random") or not n.isdigit():
-            raise ValueError(f"sample rule {self.sample!r}: expected all, first:N or random:N")
-
-
-@dataclass
-class DataConfig:
-    sources: list[DataSource] = field(default_factory=list)
-    mixture: str | None = None  # a YAML file with `sources:`; its sources are added to the ones above
-    num_frames: int = 8
-    skip: str | None = None  # bad_samples.jsonl written by `mgllava check-data`: those samples are left out
-    num_workers: int = 0
+NEW_MODULES_GROUP = "new_modules"  # every module of MG-LLaVA's own that the variant has (train.stages)
+TRAINABLE = (NEW_MODULES_GROUP, *MODULES)
 
 
 @dataclass
@@ -52,7 +31,7 @@ class LoraSettings:
 @dataclass
 class StageConfig:
     name: str
-    trainable: list[str]
+    trainable: list[str]  # top-level modules of the model, or `new_modules` (see train.stages)
     lr: float
     global_batch_size: int
     per_device_batch_size: int

@@ -1,4 +1,4 @@
-"""Deterministic data order: global batches, split into per-rank micro-batches (SPEC section 8).
+"""Deterministic data order: global batches, split into per-rank micro-batches (docs/design.md section 8).
 
 The order of an epoch depends only on (seed, epoch), never on the number of processes: step s trains on
 the global batch `order[s * G : (s + 1) * G]`, and rank r's micro-batch m is the slice
@@ -11,6 +11,9 @@ inside, so that micro-batches hold similar lengths and pad less. The last partia
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,3 +67,50 @@ def padding_fraction(lengths: list[list[int]]) -> float:
     """Share of padded positions when each micro-batch is padded to its longest sample."""
     total = sum(max(mb) * len(mb) for mb in lengths if mb)
     return 1.0 - sum(sum(mb) for mb in lengths) / total if total else 0.0
+
+
+@dataclass
+class Plan:
+    world: int
+    per_device: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_plan(config: Any, n_samples: int, world: int) -> Plan:
+    stage = config.stage
+    per_rank = stage.per_device_batch_size * world
+    if stage.global_batch_size % per_rank:
+        raise ValueError(
+            f"global_batch_size {stage.global_batch_size} is not divisible by per_device_batch_size "
+            f"{stage.per_device_batch_size} x {world} processes"
+        )
+    steps = n_samples // stage.global_batch_size
+    if steps == 0:
+        raise ValueError(f"{n_samples} samples are fewer than one global batch ({stage.global_batch_size})")
+    total = steps * stage.epochs if config.max_steps is None else min(config.max_steps, steps * stage.epochs)
+    return Plan(world, stage.per_device_batch_size, stage.global_batch_size // per_rank, steps, total)
+
+
+class StepBatches:
+    """Yields this rank's micro-batches (lists of sample indices) from `start` step to the end."""
+
+    def __init__(self, samples: list, config: Any, plan: Plan, rank: int, start: int) -> None:
+        self.lengths = [s.length() for s in samples]
+        self.multimodal = [s.is_multimodal for s in samples]
+        self.config, self.plan, self.rank, self.start = config, plan, rank, start
+
+    def __iter__(self):
+        cached_epoch, order = -1, []
+        for step in range(self.start, self.plan.total_steps):
+            epoch = step // self.plan.steps_per_epoch
+            if epoch != cached_epoch:
+                order = epoch_order(self.lengths, self.multimodal, self.config.stage.global_batch_size,
+                                    self.config.seed, epoch, self.config.stage.length_grouped)  # fmt: skip
+                cached_epoch = epoch
+            yield from micro_batches(order, step % self.plan.steps_per_epoch, self.plan.world, self.rank,
+                                     self.plan.per_device, self.plan.accumulation)  # fmt: skip
+
+    def __len__(self) -> int:
+        return (self.plan.total_steps - self.start) * self.plan.accumulation

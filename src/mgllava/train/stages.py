@@ -1,27 +1,46 @@
-"""A training stage applied to a model: which modules train, and a table saying so (STYLE habit 4)."""
+"""A training stage applied to a model: which modules train, and a table saying so (STYLE habit 4).
+
+A stage names top-level modules of the model (`mgllava.model.modeling.MODULES`) or the group
+`new_modules`: every module of MG-LLaVA's own that the variant has and that has parameters (fusion,
+projector, box projector, object mixer), so a new module or variant trains without editing any list.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .config import TRAINABLE, StageConfig
+from ..model.modeling import MODULES
+from .config import NEW_MODULES_GROUP, StageConfig
+
+
+def trainable_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The stage's names expanded (`new_modules`) and checked against this model's modules.
+
+    A pretrained or new module that this variant does not build (a baseline has no box projector) is an
+    error naming the variant, not a silent skip."""
+    children = dict(model.named_children())
+    out: list[str] = []
+    for name in names:
+        if name == NEW_MODULES_GROUP:
+            out += [n for n in model.new_modules() if n not in out]
+        elif name not in children:
+            variant = f"fusion={model.config.fusion}, object_tokens={model.config.object_tokens}"
+            raise ValueError(f"the stage trains {name!r} but this model ({variant}) has no such module")
+        elif name not in out:
+            out.append(name)
+    return out
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> str:
     """Freeze everything, unfreeze the stage's modules; return the table of parameter counts per module.
 
-    Modules the stage names but the model's variant does not have (a baseline has no box projector) are
-    skipped; the table shows what exists.
-
     With LoRA on the LLM, "language_model" trains only its adapters (PEFT marks them trainable)."""
+    names = trainable_modules(model, stage.trainable)
     for param in model.parameters():
         param.requires_grad = False
     lora = stage.lora.r > 0
-    for name in stage.trainable:
-        module = getattr(model, name, None)
-        if module is None:  # a variant without it (e.g. no box projector when object tokens are off)
-            continue
-        for pname, param in module.named_parameters():
+    for name in names:
+        for pname, param in getattr(model, name).named_parameters():
             param.requires_grad = not (lora and name == "language_model") or "lora_" in pname
     return parameter_table(model)
 
@@ -29,12 +48,13 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> str:
 def parameter_table(model: nn.Module) -> str:
     rows = [("module", "trainable", "frozen")]
     totals = [0, 0]
-    for name in TRAINABLE:
-        module = getattr(model, name, None)
-        if module is None:
+    children = dict(model.named_children())
+    for name in (n for n in MODULES if n in children):
+        params = list(children[name].parameters())
+        if not params:
             continue
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        frozen = sum(p.numel() for p in params if not p.requires_grad)
         totals[0] += trainable
         totals[1] += frozen
         rows.append((name, f"{trainable:,}", f"{frozen:,}"))

@@ -1,10 +1,10 @@
-"""Assemble MG-LLaVA from the real released formats, accounting for every key (SPEC sections 3 and 10).
+"""Assemble MG-LLaVA from the real released formats, accounting for every key (docs/design.md sections 3 and 10).
 
 - Low-res tower: an HF CLIP folder (`openai/clip-vit-large-patch14-336`: a full `CLIPModel`; its text tower,
   projections and `logit_scale` are known-unused and reported, anything else unexpected is an error).
 - High-res tower: an OpenCLIP checkpoint (`open_clip_pytorch_model.bin` or `open_clip_model.safetensors`
   of `laion/CLIP-convnext_large_d_320...`); `visual.trunk.{stem,stages}.*` are renamed onto transformers'
-  ConvNeXt modules (SPEC section 3), the sizes are read from the tensors; the trunk head, `norm_pre`, the
+  ConvNeXt modules (docs/design.md section 3), the sizes are read from the tensors; the trunk head, `norm_pre`, the
   projection head and the text tower are known-unused.
 - LLM: an HF causal-LM folder (weights, config, tokenizer).
 - Optionally a reference `.pth` (XTuner) holding `projector.*`, `bbox_projector.*`, `fuse_module.*` and
@@ -42,12 +42,15 @@ from transformers import (
     ConvNextConfig,
 )
 
-from .configuration import MGLlavaConfig
-from .encoders import HighResEncoder
-from .fusion import build_fusion
-from .modeling import MGLlavaForConditionalGeneration
-from .object_tokens import ObjectMixer
-from .projector import build_projector
+from ..data.processor import MGLlavaProcessor, ensure_image_token
+from ..data.templates import check_tokenizer, get_template
+from ..model.configuration import MGLlavaConfig
+from ..model.encoders import HighResEncoder
+from ..model.fusion import build_fusion
+from ..model.modeling import MGLlavaForConditionalGeneration
+from ..model.object_tokens import ObjectMixer
+from ..model.projector import build_projector
+from .folder import configure_generation
 
 logger = logging.getLogger(__name__)
 
@@ -310,9 +313,6 @@ def assemble(
     """Build (model, processor) from the real formats; see the module docstring. Nothing is downloaded.
     `context_length`: the longest sequence the model runs (default: the LLM's `max_position_embeddings`);
     video models set it longer (see `MGLlavaConfig`)."""
-    from ..data.processor import MGLlavaProcessor, ensure_image_token
-    from ..data.templates import check_tokenizer, get_template
-
     for label, path in (("CLIP folder", clip), ("LLM folder", llm)):
         if not Path(path).is_dir():
             raise CheckpointError(f"{label} {path}: not a directory")
@@ -490,19 +490,3 @@ def _load_reference_modules(
         _load_strict(module, _cast(part, next(module.parameters()).dtype), f"{reference} ({name})")
     if state:  # every key was renamed into one of the parts above; anything else is a bug here
         raise CheckpointError(f"{reference}: keys no module took ({len(state)}): {_listing(state)}")
-
-
-def configure_generation(model: MGLlavaForConditionalGeneration, processor: Any) -> None:
-    """Stop on the template's stop tokens, pad with the tokenizer's pad id, never emit the placeholder."""
-    gen = model.generation_config
-    gen.eos_token_id = processor.stop_token_ids
-    gen.pad_token_id = processor.pad_token_id
-    gen.bos_token_id = processor.tokenizer.bos_token_id
-    gen.suppress_tokens = [model.config.image_token_id]
-
-
-def write_folder(model: MGLlavaForConditionalGeneration, processor: Any, out: str | Path) -> Path:
-    """Save model and processor as one HF folder that `from_pretrained` and `AutoProcessor` load."""
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return Path(out)

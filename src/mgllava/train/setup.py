@@ -1,0 +1,105 @@
+"""Model and adapter setup for a training stage: the processor, the model (a preset with random weights, a
+saved folder, or a stage-1 export), LoRA / QLoRA adapters on the LLM.
+
+    config --build_processor--> MGLlavaProcessor (no model needed: `check-data` uses only this)
+    config --build_model--> (model, processor): preset | folder | init_from, 4-bit LLM for QLoRA, adapters
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..convert.folder import configure_generation
+from ..data.processor import MGLlavaProcessor
+from ..model.configuration import MGLlavaConfig
+from ..model.modeling import MODULES, MGLlavaForConditionalGeneration
+from ..utils import dist
+from .config import TrainConfig
+
+
+def _source(config: TrainConfig) -> str:
+    """The folder or preset the stage starts from, after checking the stage's requirements."""
+    source = config.init_from or config.model
+    if config.stage.requires_init and not config.init_from:
+        raise ValueError(
+            f"stage {config.stage.name} starts from a stage-1 model: set init_from=<folder exported by stage 1>"
+        )
+    if config.stage.lora.quantize_4bit and not Path(source).is_dir():
+        raise ValueError(
+            "QLoRA (lora.quantize_4bit) starts from a saved folder: set init_from or model=<folder>"
+        )
+    if Path(source).is_dir() and config.model_overrides:
+        raise ValueError("model_overrides apply to presets only; this model comes from a folder")
+    return source
+
+
+def build_processor(config: TrainConfig) -> MGLlavaProcessor:
+    """The stage's processor, without building the model: a saved folder's, or the preset's tokenizer and
+    template around the (overridden) preset config; `max_length` and `data.num_frames` applied."""
+    source = _source(config)
+    if Path(source).is_dir():
+        processor = MGLlavaProcessor.from_pretrained(source)
+    else:
+        model_config = MGLlavaConfig.from_preset(source, **config.model_overrides)
+        preset = MGLlavaProcessor.from_preset(source)  # its tokenizer and template, for the overridden config
+        processor = MGLlavaProcessor.for_config(model_config, preset.tokenizer, template=preset.template)
+    if config.max_length is not None:
+        processor.max_length = config.max_length
+    if config.data.num_frames is not None:
+        processor.image_processor.num_frames = config.data.num_frames
+    return processor
+
+
+def build_model(config: TrainConfig) -> tuple[MGLlavaForConditionalGeneration, MGLlavaProcessor]:
+    """The model to train (with LoRA adapters when the stage asks) and its processor."""
+    source = _source(config)
+    processor = build_processor(config)
+    if Path(source).is_dir():
+        model = load_for_training(source, config)
+    else:
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset(source, **config.model_overrides))
+        configure_generation(model, processor)
+    if config.stage.lora.r > 0:
+        model.language_model = add_lora(model.language_model, config)
+    return model, processor
+
+
+# QLoRA quantises the LLM's decoder layers only: every other top-level module, and the LM head, stays full
+NOT_QUANTIZED = [*(m for m in MODULES if m != "language_model"), "lm_head"]
+
+
+def load_for_training(source: str, config: TrainConfig) -> MGLlavaForConditionalGeneration:
+    """A saved model in fp32, or for QLoRA with the LLM's decoder layers in 4-bit NF4 (bitsandbytes; the
+    towers, new modules and `lm_head` stay in full precision)."""
+    if not config.stage.lora.quantize_4bit:
+        return MGLlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=NOT_QUANTIZED,
+    )  # fmt: skip
+    device = dist.info().device
+    return MGLlavaForConditionalGeneration.from_pretrained(
+        source, dtype=torch.float32, quantization_config=quantization, device_map={"": str(device)}
+    )
+
+
+def lora_settings(config: TrainConfig):
+    from peft import LoraConfig
+
+    lora = config.stage.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+
+
+def add_lora(llm: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """LoRA adapters on the LLM (PEFT); for QLoRA the 4-bit LLM is first made trainable-ready."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if config.stage.lora.quantize_4bit:
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=config.gradient_checkpointing)
+    return get_peft_model(llm, lora_settings(config))
