@@ -208,16 +208,29 @@ def test_a_box_file_for_other_samples_is_refused_before_anything_is_written(mode
     boxes = tmp_path / "other.jsonl"
     boxes.write_text('{"id": "elsewhere", "boxes": [[1, 1, 5, 5]]}\n')
     out = tmp_path / "out"
+    # a file that matches no sample is refused whatever share of misses is allowed
+    for allowed in ("0", "1"):
+        argv = [
+            *eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes),
+            "--max-missing-boxes",
+            allowed,
+        ]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "matches none of the 4 samples" in err and "'q0'" in err and "'elsewhere'" in err
+        assert "keyed by the record's `id`" in err
+        assert not out.exists()
+    # one of four found: refused at the default share (0), listed in the results when allowed
+    boxes.write_text('{"id": "q2", "boxes": [[1, 1, 5, 5]], "scores": [0.9], "labels": ["a"]}\n')
     assert main(eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes)) == 2
     err = capsys.readouterr().err
-    assert "4 of 4 benchmark samples (100.0%) have no boxes" in err and "id 'q0'" in err
-    assert not out.exists()
-    assert (
-        main([*eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes), "--max-missing-boxes", "1"])
-        == 0
-    )
+    assert "3 of 4 benchmark samples (75.0%) have no boxes" in err and "id 'q0'" in err
+    assert "keyed by the record's `id`" in err and not out.exists()
+    argv = [*eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes), "--max-missing-boxes", "0.75"]
+    assert main(argv) == 0
     table = (out / "results.md").read_text()
-    assert "0 of 4 in" in table and "4 without boxes" in table and "## Samples without boxes (4" in table
+    assert "1 of 4 in" in table and "(1 by id)" in table and "3 without boxes" in table
+    assert "## Samples without boxes (3" in table and "id 'q3'" in table
 
 
 def test_mmbench_test_writes_the_submission_file(model_dir, tmp_path):

@@ -13,15 +13,22 @@
 | short_vqa | short answer | our short-answer JSONL (easy-vqa, generated sets) | --metric |
 
 Generation lengths are the reference's (`evaluate_max_tokens` 100 for images, 50 for video).
+
+Boxes (docs/benchmarks.md): each benchmark names the id the reference's released box file uses (`box_key`;
+the loaders set `Sample.box_id` to it) and the reference's box settings for it (`box_settings`, the image
+processor's `box_*` fields: class-wise NMS at IoU 0.2 and the per-label cap above 100 boxes everywhere, no
+cap for VQAv2, 20 per label per frame for video). `EvalOptions.box_settings` overrides them
+(`mgllava eval --box-limit none` etc.); the settings used are recorded in the results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..boxes.select import BoxOptions
 from .judge import GptJudge
 from .multiple_choice import (
     load_multiple_choice,
@@ -53,6 +60,7 @@ class EvalOptions:
     images: str | None = None
     boxes: str | None = None
     max_missing_boxes: float = 0.0  # share of samples allowed to find no boxes in `boxes`
+    box_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the benchmark's BOX_FIELDS
     annotations: str | None = None
     ocr: str | None = None
     limit: int | None = None
@@ -79,6 +87,22 @@ class EvalOptions:
 
 Scorer = Callable[[Loaded, dict[str, str], EvalOptions, Path], dict[str, Any]]
 
+# The image processor's box fields a benchmark sets, with the reference's values (docs/design.md section 5).
+BOX_FIELDS = ("box_nms_iou", "box_limit", "box_cap", "box_per_label")
+REFERENCE_BOXES: dict[str, Any] = {
+    "box_nms_iou": 0.2,
+    "box_limit": 100,
+    "box_cap": "per_label",
+    "box_per_label": None,  # 20 when the limit is above 50, else 5
+}
+VQAV2_BOXES = {**REFERENCE_BOXES, "box_limit": None}  # the reference's VQAv2 config sets no limit_num
+VIDEO_BOXES = {**REFERENCE_BOXES, "box_per_label": 20}  # its video dataset keeps 20 per label at any limit
+VIDEO_NAME = (
+    "the video name (test_q.json `video_name` = the box file's `video` without its extension), as the "
+    "reference's box files"
+)
+TSV_INDEX = "the VLMEvalKit TSV `index` ({tsv}, one record per row), as the reference's released box file"
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -89,6 +113,8 @@ class Benchmark:
     score: Scorer
     max_new_tokens: int = 100
     group: Callable[[Sample], str] | None = None  # rows answered together (MMBench rotations), for --limit
+    box_key: str = "the sample id"  # what box files for this benchmark are keyed by (the reference's key)
+    box_settings: dict[str, Any] = field(default_factory=lambda: dict(REFERENCE_BOXES))
 
 
 def _mc_group(sample: Sample) -> str:
@@ -144,25 +170,33 @@ def _load_vqav2_val(opts: EvalOptions) -> Loaded:
     return load_vqav2(opts.data, opts.images, opts.annotations)
 
 
-def _mc(name: str, title: str, load: Callable[[EvalOptions], Loaded]) -> Benchmark:
-    return Benchmark(name, title, "multiple_choice", load, _score_mc, 100, _mc_group)
+def _mc(name: str, title: str, load: Callable[[EvalOptions], Loaded], tsv: str) -> Benchmark:
+    key = TSV_INDEX.format(tsv=tsv)
+    return Benchmark(name, title, "multiple_choice", load, _score_mc, 100, _mc_group, key)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        _mc("mmbench_dev", "MMBench dev", lambda o: load_tsv(o.data, o.images)),
-        _mc("mmbench_test", "MMBench test", lambda o: load_tsv(o.data, o.images)),
-        _mc("seed_image", "SEED-Bench (image)", lambda o: load_multiple_choice(o.data, o.images)),
-        _mc("mmstar", "MMStar", lambda o: load_tsv(o.data, o.images)),
-        _mc("scienceqa_img", "ScienceQA-IMG", lambda o: _load_scienceqa(o)),
-        _mc("ai2d", "AI2D", lambda o: load_tsv(o.data, o.images)),
+        _mc("mmbench_dev", "MMBench dev", lambda o: load_tsv(o.data, o.images), "MMBench_DEV_EN.tsv"),
+        _mc("mmbench_test", "MMBench test", lambda o: load_tsv(o.data, o.images), "MMBench_TEST_EN.tsv"),
+        _mc(
+            "seed_image",
+            "SEED-Bench (image)",
+            lambda o: load_multiple_choice(o.data, o.images),
+            "SEEDBench_IMG.tsv",
+        ),
+        _mc("mmstar", "MMStar", lambda o: load_tsv(o.data, o.images), "MMStar.tsv"),
+        _mc("scienceqa_img", "ScienceQA-IMG", lambda o: _load_scienceqa(o), "ScienceQA_TEST.tsv"),
+        _mc("ai2d", "AI2D", lambda o: load_tsv(o.data, o.images), "AI2D_TEST.tsv"),
         Benchmark(
             "textvqa_val",
             "TextVQA val",
             "short_answer",
             lambda o: load_textvqa(o.data, o.images, o.ocr, o.annotations, o.prompt),
             _short("textvqa"),
+            box_key="the `question_id` of LLaVA's llava_textvqa_val_v051_ocr.jsonl, which is the TextVQA "
+            "image id (`image_id` in TextVQA_0.5.1_val.json), as the reference's released box file",
         ),
         Benchmark(
             "docvqa_val",
@@ -170,14 +204,26 @@ BENCHMARKS: dict[str, Benchmark] = {
             "short_answer",
             lambda o: load_docvqa(o.data, o.images),
             _short("anls", "question_types", "split"),
+            box_key=TSV_INDEX.format(tsv="DocVQA_VAL.tsv"),
         ),
-        Benchmark("vqav2_val", "VQAv2 val", "short_answer", _load_vqav2_val, _short("vqav2", "answer_type")),
+        Benchmark(
+            "vqav2_val",
+            "VQAv2 val",
+            "short_answer",
+            _load_vqav2_val,
+            _short("vqav2", "answer_type"),
+            box_key="the VQAv2 `question_id`, the reference's rule for test-dev (it evaluates no val split)",
+            box_settings=dict(VQAV2_BOXES),
+        ),
         Benchmark(
             "vqav2_testdev",
             "VQAv2 test-dev",
             "short_answer",
             lambda o: load_vqav2(o.data, o.images),
             _score_vqav2_testdev,
+            box_key="the VQAv2 `question_id` (as LLaVA's llava_vqav2_mscoco_test-dev2015.jsonl carries it), "
+            "as the reference's released box file",
+            box_settings=dict(VQAV2_BOXES),
         ),
         Benchmark(
             "msvd_qa",
@@ -186,6 +232,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             lambda o: load_video_qa(o.data, o.images, o.annotations),
             _score_video,
             50,
+            box_key=VIDEO_NAME,
+            box_settings=dict(VIDEO_BOXES),
         ),
         Benchmark(
             "msrvtt_qa",
@@ -194,6 +242,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             lambda o: load_video_qa(o.data, o.images, o.annotations),
             _score_video,
             50,
+            box_key=VIDEO_NAME,
+            box_settings=dict(VIDEO_BOXES),
         ),
         Benchmark(
             "short_vqa",
@@ -201,6 +251,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "short_answer",
             lambda o: load_short_vqa(o.data, o.images),
             _score_short_vqa,
+            box_key="the record's `id` (our format; the reference has no such benchmark)",
         ),
     )
 }
@@ -210,6 +261,39 @@ def _load_scienceqa(opts: EvalOptions) -> Loaded:
     if Path(opts.data).suffix.lower() == ".tsv":
         return load_tsv(opts.data, opts.images)
     return load_scienceqa_json(opts.data, opts.images, opts.split)
+
+
+def box_settings(bench: Benchmark, opts: EvalOptions) -> dict[str, Any]:
+    """The box settings a run uses: the benchmark's reference values, then the user's overrides; checked
+    (ValueError naming the option) before anything runs."""
+    unknown = sorted(set(opts.box_settings) - set(BOX_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown box setting(s) {unknown}; known: {', '.join(BOX_FIELDS)}")
+    settings = {**bench.box_settings, **opts.box_settings}
+    iou = settings["box_nms_iou"]
+    if iou is not None and not 0.0 < iou <= 1.0:
+        raise ValueError(f"--box-nms-iou must be in (0, 1] or none, got {iou}")
+    if settings["box_per_label"] is not None and settings["box_per_label"] < 1:
+        raise ValueError(f"--box-per-label must be at least 1 or auto, got {settings['box_per_label']}")
+    try:
+        BoxOptions(nms_iou=iou, limit=settings["box_limit"], cap=settings["box_cap"])
+    except ValueError as err:
+        raise ValueError(f"box settings: {err}") from err
+    return settings
+
+
+def describe_box_settings(settings: dict[str, Any]) -> str:
+    """One line for results.md: what NMS and capping a run's boxes went through."""
+    iou, limit = settings["box_nms_iou"], settings["box_limit"]
+    nms = "no NMS" if iou is None else f"class-wise NMS at IoU {iou}"
+    if limit is None:
+        cap = "no cap"
+    elif settings["box_cap"] == "top_k":
+        cap = f"at most {limit} boxes, highest scores first"
+    else:
+        per = settings["box_per_label"] or (20 if limit > 50 else 5)
+        cap = f"above {limit} boxes, the top {per} per label"
+    return f"{nms}; {cap}"
 
 
 def get_benchmark(name: str) -> Benchmark:

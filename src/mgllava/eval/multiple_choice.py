@@ -11,6 +11,10 @@ Formats read:
 - ScienceQA's own `problems.json` (`{pid: {question, choices, answer, hint, image, split, subject}}`;
   questions with an image in the chosen split; images at `<--images>/<pid>/<image>`).
 
+Box ids (docs/benchmarks.md): a TSV row's `index`, as the reference's box files key every row (a rotated
+copy then tries its base row's index); the native JSON files lack that index, so their samples are filed
+under their image path.
+
 Prompt (docs/design.md section 9, the reference's `MGLLaVAProxyEvalDataset`):
 `<image>\\n[hint\\n]question\\nA. ...\\nB. ...\\nAnswer with the option's letter from the given choices directly.`
 (the Chinese instruction `请直接回答选项字母。` when the text holds a CJK character, as the reference does).
@@ -189,9 +193,10 @@ class _TsvBuilder:
             key=str(index),
             prompt=mc_prompt(row["question"], options, _field(row, "hint")),
             image=image,
-            box_id=str(index),
+            box_id=str(index),  # the reference's box files have one record per TSV row, keyed by `index`
             answers=[meta["answer"]] if meta["answer"] is not None else None,
             meta=meta,
+            alt_box_ids=(meta["group"],),  # a rotated copy shows its base row's image
         )
 
     def resolve_images(self) -> None:
@@ -242,6 +247,7 @@ def load_tsv(path: str | Path, images_dir: str | None = None) -> Loaded:
     copies = sum(1 for s in builder.samples if s.meta["index"] >= 1_000_000)
     info = {
         "format": "VLMEvalKit TSV",
+        "box_ids": "the TSV `index` (a rotated copy then tries its base row's index)",
         "circular_copies": copies,
         "has_answers": builder.has_answer,
         "pandas_na_fields": builder.na_rows,
@@ -278,12 +284,17 @@ def load_seed_json(path: str | Path, images_dir: str | None = None) -> Loaded:
                 key=key,
                 prompt=mc_prompt(q["question"], options),
                 image=media_path(images_dir, q["data_id"]),
-                box_id=key,
+                box_id=q["data_id"],  # not the reference's key (the TSV `index`, which this file lacks)
                 answers=[q["answer"]],
                 meta={"group": key, "options": options, "answer": q["answer"], "category": category},
             )
         )
-    return Loaded(samples, issues, {"format": "SEED-Bench.json", "video_questions_skipped": skipped})
+    info = {
+        "format": "SEED-Bench.json",
+        "box_ids": "the image's `data_id` (SEED-Bench.json has no TSV `index`)",
+        "video_questions_skipped": skipped,
+    }
+    return Loaded(samples, issues, info)
 
 
 def _native_problem(question: Any, options: dict[str, Any], answer: Any, image: Any) -> str | None:
@@ -327,12 +338,17 @@ def load_scienceqa_json(path: str | Path, images_dir: str | None = None, split: 
                 key=str(pid),
                 prompt=mc_prompt(p["question"], options, hint),
                 image=media_path(images_dir, f"{pid}/{p['image']}"),
-                box_id=str(pid),
+                box_id=f"{pid}/{p['image']}",  # not the reference's key (the TSV `index`, not in this file)
                 answers=[letter],
                 meta={"group": str(pid), "options": options, "answer": letter, "category": p.get("subject")},
             )
         )
-    return Loaded(samples, issues, {"format": "ScienceQA problems.json", "split": split})
+    info = {
+        "format": "ScienceQA problems.json",
+        "box_ids": "the image path `<pid>/<image>` (problems.json has no TSV `index`)",
+        "split": split,
+    }
+    return Loaded(samples, issues, info)
 
 
 def load_multiple_choice(path: str | Path, images_dir: str | None = None) -> Loaded:

@@ -17,6 +17,9 @@ Formats read:
 - short-answer VQA JSONL (ours): one object a line, `{"id", "image", "question", "answers": [...],
   "category"?, "prompt"?}`; `prompt`, when present, is used as the question text verbatim.
 
+Box ids (docs/benchmarks.md): TextVQA the image id (LLaVA's `question_id`; `image_id` of the official JSON),
+DocVQA the TSV `index` (the native JSON, which lacks it: the image path), VQAv2 the `question_id`.
+
 Prompts (docs/design.md section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`;
 TextVQA's LLaVA variant puts `\\nReference OCR token: t1, t2, ...` between question and instruction (left
 out when an image has no OCR tokens); a LLaVA question file's `text` is used as it is.
@@ -127,12 +130,12 @@ def load_textvqa(
                 key=key,
                 prompt=short_prompt(item["question"], [str(t) for t in ocr_list or []]),
                 image=media_path(images_dir, f"{image_id}.jpg"),
-                box_id=key,
+                box_id=image_id,  # the reference keys TextVQA by LLaVA's `question_id`, which is the image id
                 answers=_answers(item.get("answers")),
                 meta={},
             )
         )
-    info = {"format": "TextVQA JSON", "prompt": variant}
+    info = {"format": "TextVQA JSON", "prompt": variant, "box_ids": "`image_id` (LLaVA's `question_id`)"}
     return Loaded(samples, issues, info)
 
 
@@ -190,7 +193,8 @@ def _load_llava_questions(
         samples.append(
             Sample(key, f"{IMAGE_TOKEN}\n{text}", media_path(images_dir, image), None, str(qid), gt, {})
         )
-    return Loaded(samples, issues, {"format": what})
+    info = {"format": what, "box_ids": "`question_id` (in LLaVA's TextVQA file: the image id)"}
+    return Loaded(samples, issues, info)
 
 
 # -- DocVQA -------------------------------------------------------------------------------------------------
@@ -217,12 +221,13 @@ def load_docvqa(path: str | Path, images_dir: str | None = None) -> Loaded:
                 key=key,
                 prompt=short_prompt(item["question"]),
                 image=media_path(images_dir, item["image"]),
-                box_id=key,
+                box_id=item["image"],  # not the reference's key (the TSV `index`, which this file lacks)
                 answers=_answers(item.get("answers")),
                 meta={"question_types": list(item.get("question_types") or [])},
             )
         )
-    return Loaded(samples, issues, {"format": "DocVQA JSON"})
+    info = {"format": "DocVQA JSON", "box_ids": "the `image` path (val_v1.0.json has no TSV `index`)"}
+    return Loaded(samples, issues, info)
 
 
 def _tsv_answers(text: str | None) -> list[str] | None:
@@ -254,6 +259,7 @@ def _load_docvqa_tsv(path: str | Path) -> Loaded:
     for s in samples:
         value = images[s.key]
         while len(value) < 16 and value in images:  # a row that points at another row's image
+            s.alt_box_ids += (value,)  # ... and so may find its boxes under that row's index
             value = images[value]
         try:
             s.image = decode_base64(value)
@@ -261,7 +267,7 @@ def _load_docvqa_tsv(path: str | Path) -> Loaded:
             issues.append(Issue(s.key, str(err)))
             continue
         keep.append(s)
-    return Loaded(keep, issues, {"format": "VLMEvalKit TSV"})
+    return Loaded(keep, issues, {"format": "VLMEvalKit TSV", "box_ids": "the TSV `index`"})
 
 
 # -- VQAv2 --------------------------------------------------------------------------------------------------
@@ -305,7 +311,8 @@ def load_vqav2(
                 },
             )
         )
-    return Loaded(samples, issues, {"format": "VQAv2 JSON", "subtype": subtype})
+    info = {"format": "VQAv2 JSON", "subtype": subtype, "box_ids": "`question_id`"}
+    return Loaded(samples, issues, info)
 
 
 def _vqav2_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -336,7 +343,7 @@ def _load_llava_vqav2(path: str | Path, images_dir: str | None, annotations: str
         samples.append(
             Sample(key, f"{IMAGE_TOKEN}\n{text}", media_path(images_dir, image), None, key, answers, meta)
         )
-    return Loaded(samples, issues, {"format": "LLaVA VQAv2 question file"})
+    return Loaded(samples, issues, {"format": "LLaVA VQAv2 question file", "box_ids": "`question_id`"})
 
 
 def write_vqav2_upload(
@@ -392,7 +399,7 @@ def load_short_vqa(path: str | Path, images_dir: str | None = None) -> Loaded:
         samples.append(
             Sample(key, prompt, media_path(root, rec["image"]), None, key, _answers(rec.get("answers")), meta)
         )
-    return Loaded(samples, issues, {"format": "short-answer VQA JSONL"})
+    return Loaded(samples, issues, {"format": "short-answer VQA JSONL", "box_ids": "`id`"})
 
 
 def write_short_vqa(records: list[dict[str, Any]], path: str | Path) -> Path:

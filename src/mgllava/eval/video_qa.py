@@ -4,7 +4,8 @@ Format (Video-ChatGPT / Video-LLaVA `test_q.json` + `test_a.json`): `--data` is 
 `{"video_name", "question_id", "question"}`, `--annotations` a list of `{"question_id", "answer", ...}`.
 Answers are matched by `question_id` (the reference pairs the two lists by position; an answer file without
 ids is paired by position too, and the results say so). Videos are looked up under `--images` as
-`<video_name>` or `<video_name>.<ext>` for the usual extensions; boxes by the video's file stem.
+`<video_name>` or `<video_name>.<ext>` for the usual extensions; boxes by `video_name`, the key of the
+reference's video box files (their `video` without its extension; docs/benchmarks.md).
 
 Prompt (the reference's `VideoObjectLLaVAProxyEvalDataset`): `<video>\\n{question}`, 8 frames, greedy,
 at most 50 new tokens.
@@ -64,12 +65,18 @@ def load_video_qa(
                 key=key,
                 prompt=f"{VIDEO_TOKEN}\n{q['question']}",
                 video=media_path(videos_dir, name),
-                box_id=Path(name).stem,
+                box_id=name,  # the reference: the box file's `video` without its extension == `video_name`
+                alt_box_ids=(Path(name).stem,),
                 answers=[answer] if isinstance(answer, str) else None,
                 meta={"question": str(q["question"]), "video_name": name},
             )
         )
-    return Loaded(samples, issues, {"format": "Video-ChatGPT QA JSON", "answers_paired_by": paired})
+    info = {
+        "format": "Video-ChatGPT QA JSON",
+        "answers_paired_by": paired,
+        "box_ids": "`video_name` (the box file's `video` without its extension)",
+    }
+    return Loaded(samples, issues, info)
 
 
 def _answers(path: str | Path | None, count: int) -> tuple[dict[str, Any], str]:
