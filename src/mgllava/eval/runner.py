@@ -194,6 +194,7 @@ def _generate_shard(
 
 # -- the run ------------------------------------------------------------------------------------------------
 def _check(opts: EvalOptions) -> None:
+    get_benchmark(opts.benchmark).check(opts)  # scoring settings, refused before anything is generated
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
