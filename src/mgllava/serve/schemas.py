@@ -110,6 +110,14 @@ class ChatCompletionRequest(BaseModel):
             out.append({"role": role, "content": content if content is not None else ""})
         return out
 
+    def box_counts(self) -> list[int]:
+        """How many boxes the request gives for each image (0 for an image left to the proposer)."""
+        if self.mgllava is None or self.mgllava.boxes is None:
+            return []
+        return [
+            0 if e is None else len(e.boxes if isinstance(e, BoxRecord) else e) for e in self.mgllava.boxes
+        ]
+
     def user_boxes(self) -> list[Any] | None:
         if self.mgllava is None or self.mgllava.boxes is None:
             return None
