@@ -162,7 +162,6 @@ def file_boxes(box_file, doc):
     return BoxLookup.load(box_file).image(ImageKey((doc["question_id"],)))
 
 
-@pytest.mark.slow
 def test_lmms_eval_command_line_runs_mgllava_with_a_box_file(model_dir, engine, task_dir, box_file, tmp_path):
     report = tmp_path / "boxes_used.jsonl"
     args = (f"pretrained={model_dir},device=cpu,box_file={box_file},box_id_field=question_id,"
@@ -183,7 +182,6 @@ def test_lmms_eval_command_line_runs_mgllava_with_a_box_file(model_dir, engine, 
     assert used[1][0]["tags"] == ["circle"] and used[3][0]["boxes"] == []
 
 
-@pytest.mark.slow
 def test_lmms_eval_openai_compatible_model_through_mgllava_serve(engine, task_dir, tmp_path):
     from mgllava.serve import ServerSettings, create_app
     from mgllava.serve.background import serve_in_thread
