@@ -77,6 +77,17 @@ def test_answers_equal_the_engines_streamed_or_not(client, engine):
     assert chunks[-1].usage.completion_tokens == 16
 
 
+def test_top_p_zero_keeps_the_most_likely_token_alone(client, engine):
+    """OpenAI's top_p range includes 0: the nucleus is the top token, so sampling at any temperature is greedy."""
+    messages = ask("What shape is in the image?", data_url(scene(2)))
+    expected = engine.chat(messages, settings=GenerationSettings(max_new_tokens=8))
+    for seed in (1, 2):
+        reply = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=1.5, top_p=0, seed=seed
+        )
+        assert reply.choices[0].message.content == expected.text
+
+
 def test_user_boxes_through_the_extension_field(client):
     messages = ask("What is here?", data_url(scene(2, (120, 80))))
     reply = client.chat.completions.create(

@@ -176,11 +176,13 @@ class Server:
         if wanted is not None and wanted > self.settings.max_tokens:
             raise ApiError(400, f"max_tokens is {wanted} but this server allows at most {self.settings.max_tokens} "
                            "(--max-tokens)", "max_tokens_too_large", "max_tokens")  # fmt: skip
+        top_p = body.top_p if body.top_p is not None else 1.0
+        greedy = top_p == 0.0  # OpenAI's range includes 0: the nucleus is the most likely token alone
         try:
             return GenerationSettings(
                 max_new_tokens=wanted or min(self.settings.default_max_tokens, self.settings.max_tokens),
-                temperature=body.temperature or 0.0,
-                top_p=body.top_p if body.top_p is not None else 1.0,
+                temperature=0.0 if greedy else body.temperature or 0.0,
+                top_p=1.0 if greedy else top_p,
                 seed=body.seed,
             )
         except EngineInputError as err:
