@@ -14,6 +14,7 @@ from typing import Any
 from ..utils.dtypes import DTYPES
 from .benchmarks import BENCHMARKS, EvalOptions
 from .metrics import CHOICE_RULES
+from .scoring import DEFAULT_SCORING, SCORING
 from .short_answer import SHORT_METRICS
 
 
@@ -39,7 +40,8 @@ def summary_line(results: dict[str, Any], out: str) -> str:
     score = "-" if results["score"] is None else f"{results['score']:.2f}"
     extra = f"; submission {results['submission']}" if results.get("submission") else ""
     return (
-        f"{results['benchmark']}: {results['metric']} {score} ({counts['scored']} scored; "
+        f"{results['benchmark']}: {results['metric']} {score} (scoring {results['scoring']['pipeline']}; "
+        f"{counts['scored']} scored; "
         f"{counts['invalid']} invalid, {counts['failed']} failed, {counts['missing']} not answered, "
         f"{counts['no_ground_truth']} without ground truth{extra}) -> {out}/results.json"
     )
@@ -141,18 +143,35 @@ def register(sub: Any) -> None:
     ev.add_argument("--ocr", help="TextVQA Rosetta OCR JSON for the OCR-token prompt")
     ev.add_argument("--prompt", default="ocr", choices=["ocr", "plain"], help="TextVQA prompt variant")
     ev.add_argument(
-        "--choice-rule",
-        default="reference",
-        choices=sorted(CHOICE_RULES),
-        help="multiple-choice letter extraction",
+        "--scoring",
+        default=DEFAULT_SCORING,
+        choices=list(SCORING),
+        help="scoring pipeline (docs/scoring.md): 'official' = the benchmarks' own scripts (vqaEval.py, M4C, "
+        "ANLS, VLMEvalKit can_infer / MMStar's rule, Video-ChatGPT judge counting); 'llava' = LLaVA's "
+        "scripts (VQAv2 answers through the EvalAI processor first, its ScienceQA and SEED rules); "
+        "'lmms-eval' = lmms-eval's (VQAv2 normalised on both sides always, judge failures count as 'no')",
     )
-    ev.add_argument("--metric", choices=sorted(SHORT_METRICS), help="short_vqa metric (default: exact)")
+    ev.add_argument(
+        "--choice-rule",
+        choices=list(CHOICE_RULES),
+        help="multiple-choice letter rule, instead of the --scoring pipeline's for the benchmark "
+        "('reference' = the MG-LLaVA reference's re.search('[A-D]+'))",
+    )
+    ev.add_argument(
+        "--metric",
+        choices=sorted(SHORT_METRICS),
+        help="short_vqa metric (default: exact; vqa follows --scoring)",
+    )
     ev.add_argument("--split", default="test", help="ScienceQA problems.json split")
     ev.add_argument("--submission-questions", help="VQAv2 test-dev: all test2015 questions for the upload")
     ev.add_argument("--limit", type=int, help="first N questions only")
     ev.add_argument("--out", help="output folder (default runs/eval/<benchmark>)")
     ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--max-new-tokens", type=int, help="default: 100 (images), 50 (video)")
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="answer length (default 100, the reference's; its 13B config used 50 for every benchmark)",
+    )
     ev.add_argument("--dtype", default="auto", choices=list(DTYPES))
     ev.add_argument("--device", help="default: this rank's GPU, else CPU")
     ev.add_argument("--judge-url", help="OpenAI-compatible base URL of the video QA judge")
@@ -163,6 +182,13 @@ def register(sub: Any) -> None:
         help="name of the environment variable holding the judge's API key",
     )
     ev.add_argument("--judge-workers", type=int, default=4)
+    ev.add_argument(
+        "--judge-rounds",
+        type=int,
+        default=3,
+        help="passes over the questions still without a usable judge reply in one run (the official "
+        "scripts ask until every question has one; a later run asks again)",
+    )
     ev.add_argument("--score-only", action="store_true", help="score the answers on disk, generate nothing")
     ev.set_defaults(func=_eval)
 

@@ -232,6 +232,7 @@ def _generate_shard(
 def _check(opts: EvalOptions) -> None:
     if not 0.0 <= opts.max_missing_boxes <= 1.0:
         raise ValueError(f"--max-missing-boxes is a share in [0, 1], got {opts.max_missing_boxes}")
+    get_benchmark(opts.benchmark).check(opts)  # scoring settings, refused before anything is generated
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.max_new_tokens is not None and opts.max_new_tokens < 1:

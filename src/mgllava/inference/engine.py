@@ -220,7 +220,8 @@ class Engine:
     # -- properties -------------------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
+        """The model's `context_length`, else its LLM's `max_position_embeddings` (`max_sequence_length`)."""
+        return self.model.config.max_sequence_length
 
     @property
     def uses_object_tokens(self) -> bool:
@@ -249,7 +250,7 @@ class Engine:
         frames, frame_boxes, frame_origins = self._load_video(video, video_boxes)
         batch = self._encode(messages, pil, raw_boxes, frames, frame_boxes)
         ids = batch["input_ids"][0].tolist()
-        self._check_length(ids, settings)
+        self._check_length(ids, settings, bool(frames))
         image_report = [
             self._report(img, b, origin, video=False)
             for img, b, origin in zip(pil, raw_boxes, origins, strict=True)
@@ -367,13 +368,20 @@ class Engine:
         except ValueError as err:
             raise EngineInputError(str(err), "messages") from err
 
-    def _check_length(self, ids: list[int], settings: GenerationSettings) -> None:
+    def _check_length(self, ids: list[int], settings: GenerationSettings, has_video: bool) -> None:
         total = len(ids) + settings.max_new_tokens
         if total > self.context_length:
             visual = sum(1 for t in ids if t == self.model.config.image_token_id)
+            hint = ""
+            if has_video and self.model.config.context_length is None:
+                hint = (
+                    " (its LLM's max_position_embeddings); video needs a longer context_length, which video "
+                    "models set (preset mgllava-vicuna-7b-video, or `mgllava assemble --context-length`)"
+                )
             raise EngineInputError(
                 f"the prompt has {len(ids)} tokens ({visual} visual rows) and max_new_tokens is "
-                f"{settings.max_new_tokens}: {total} exceeds the model's context of {self.context_length} tokens",
+                f"{settings.max_new_tokens}: {total} exceeds the model's context of {self.context_length} tokens"
+                + hint,
                 "max_tokens",
                 "context_length_exceeded",
             )
