@@ -3,7 +3,7 @@
 The model of `bench/models.py` (full vision size, Vicuna-7B-width LLM cut to 2 layers, fp32, random
 weights), 40 text tokens, a plain forward (logits at every position, as in bench_prefill.py). Video frames
 each go through the whole image path with their own `--frame-boxes` boxes and their rows follow each other
-(SPEC section 8). Prints time (best of `--rounds` for boxes; one run per frame count, the larger ones cost
+(docs/design.md section 8.6). Prints time (best of `--rounds` for boxes; one run per frame count, the larger ones cost
 tens of seconds), FLOPs from `bench/flops.py`, GFLOP/s against the measured fp32 matmul peak, time per
 part, and a least-squares line through the points with its largest deviation: the growth law. For frames,
 transformers' LLaVA given the same frames as images (sharing our modules) runs beside ours.
