@@ -227,6 +227,37 @@ def render(template: ChatTemplate, turns: list[Turn], system: str | None = None)
     return out
 
 
+_MARKER = re.compile(r"<\|[^|<>]+\|>")
+
+
+def template_markers(template: ChatTemplate) -> list[str]:
+    """The chat markers a template writes (`<|user|>`, `<|eot_id|>`, ...), each meant to be one token."""
+    text = template.system + template.instruction + template.suffix + "".join(template.stop_words)
+    return list(dict.fromkeys(_MARKER.findall(text)))
+
+
+def check_tokenizer(tokenizer: Any, template: ChatTemplate) -> None:
+    """Refuse a tokenizer that cannot encode `template` as its LLM was trained: every chat marker must be one
+    token of it (a tokenizer without them would split `<|user|>` into pieces and the model would see text it
+    never saw in training), and a template that ends answers with EOS needs an EOS token."""
+    split = [m for m in template_markers(template) if not _is_one_token(tokenizer, m)]
+    if split:
+        raise ValueError(
+            f"chat template {template.name!r} does not match this tokenizer: {', '.join(split)} "
+            f"{'is not a token' if len(split) == 1 else 'are not tokens'} of it; use the template of the LLM "
+            f"the tokenizer belongs to ({', '.join(TEMPLATES)})"
+        )
+    if not template.suffix_as_eos and tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"chat template {template.name!r} ends each answer with EOS but the tokenizer has none"
+        )
+
+
+def _is_one_token(tokenizer: Any, text: str) -> bool:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
     """Token ids that end an answer: the template's stop words, else the tokenizer's EOS."""
     if not template.stop_words:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MGLlavaConfig
-from .encoders import HighResEncoder, LowResEncoder
+from .encoders import ConvNextBlock, HighResEncoder, LowResEncoder
 from .fusion import build_fusion
 from .init import init_leaf
 from .object_tokens import ObjectMixer
@@ -76,6 +77,11 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
             init_leaf(module)  # Conv-Gate layers: docs/design.md section 4 init, identity at start
         else:
             super()._init_weights(module)
+        if isinstance(module, ConvNextBlock) and module.layer_scale_parameter is not None:
+            # as ConvNextPreTrainedModel does: a model built on the meta device gets it from here
+            hf_init.constant_(
+                module.layer_scale_parameter, self.config.high_res_config.layer_scale_init_value
+            )
 
 
 class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
