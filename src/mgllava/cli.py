@@ -220,13 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and evaluate miniature MG-LLaVA variants on easy-vqa scenes")
-    demo.add_argument("--out", help="where data, runs, results and the model go (runs/demo, quick: runs/demo-quick)")
+    demo.add_argument(
+        "--out", help="where data, runs, results and the model go (runs/demo, quick: runs/demo-quick)"
+    )
     demo.add_argument("--quick", action="store_true", help="the same path on little data, a minute or two")
     demo.add_argument(
         "--variants", help="comma-separated variant names, or all (default: baseline,fusion,objects,full)"
     )
     demo.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
-    demo.add_argument("--workers", type=int, help="runs trained side by side, one torch thread each (default: 2 or the cores)")
+    demo.add_argument(
+        "--workers",
+        type=int,
+        help="runs trained side by side, one torch thread each (default: 2 or the cores)",
+    )
     demo.set_defaults(func=_demo)
 
     asm = sub.add_parser(

@@ -45,7 +45,9 @@ def checked_annotations(split: str) -> tuple[dict[int, Annotation], int]:
     return by_id, n
 
 
-def _check_split(root: Path, split: str, spec: SceneSpec, truth: dict[int, Annotation]) -> tuple[int, int, set[int]]:
+def _check_split(
+    root: Path, split: str, spec: SceneSpec, truth: dict[int, Annotation]
+) -> tuple[int, int, set[int]]:
     """(answers checked, kinds checked, source ids used) of one split; raises on the first disagreement."""
     boxes = BoxIndex.load(root / split / "boxes.jsonl")
     layout = {r["id"]: r for r in map(json.loads, (root / split / "scenes.jsonl").read_text().splitlines())}
@@ -60,7 +62,9 @@ def _check_split(root: Path, split: str, spec: SceneSpec, truth: dict[int, Annot
             source = scene["sources"][part]
             color = truth[source["image_id"]].color
             if reply["value"] != color or source["color"] != color:
-                raise ValueError(f"{record['id']} ({part}): answer {reply['value']!r} but its easy-vqa image is {color}")
+                raise ValueError(
+                    f"{record['id']} ({part}): answer {reply['value']!r} but its easy-vqa image is {color}"
+                )
             expected = "a" if part == "big" else "c" if part == "stripe" else None
             if part == "small":
                 expected = "b" if is_found(scene["boxes"]["small"], {"boxes": found.boxes.xyxy.tolist()},

@@ -68,7 +68,9 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     if "baseline" in by:
         a = by["baseline"]["a"]
         if len(a["per_seed"]) < 2:
-            lines.append(f"baseline on kind a: {a['mean']:.1f} vs chance {CHANCE:.1f} (one seed: no spread measured)")
+            lines.append(
+                f"baseline on kind a: {a['mean']:.1f} vs chance {CHANCE:.1f} (one seed: no spread measured)"
+            )
         else:
             holds = a["mean"] - CHANCE > 2 * a["std"]
             lines.append(f"baseline on kind a: {a['mean']:.1f} vs chance {CHANCE:.1f}: {'above' if holds else 'NOT above'} "

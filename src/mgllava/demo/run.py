@@ -43,6 +43,7 @@ class Variant:
     fusion: str
     object_tokens: str
     boxes: str = "boxes.jsonl"
+    train_high_res: bool = False  # the ConvNeXt trains with the new modules (both stages) instead of frozen
 
 
 VARIANTS = {
@@ -56,7 +57,10 @@ VARIANTS = {
     "objects_f2b": Variant("objects: cross-attention F-to-B", "conv_gate", "cross_attn_f2b"),
     "objects_b2f": Variant("objects: cross-attention B-to-F", "conv_gate", "cross_attn_b2f"),
     "tags_coco80": Variant("full, boxes from COCO-80 tags", "conv_gate", "concat", "boxes-coco80.jsonl"),
-}
+    "fusion_trained_convnext": Variant("+ Conv-Gate, ConvNeXt trained, no objects", "conv_gate", "off",
+                                       train_high_res=True),
+    "full_trained_convnext": Variant("full, ConvNeXt trained", "conv_gate", "concat", train_high_res=True),
+}  # fmt: skip
 DEFAULT_VARIANTS = ("baseline", "fusion", "objects", "full")
 BATCH = 16  # the demo stages' global batch (configs/train/demo-stage*.yaml)
 
@@ -70,10 +74,11 @@ class DemoSettings:
     seeds: int = 3
     data_seed: int = 0
     save_every: int = 40  # trainer checkpoints: what an interruption can lose
+    overrides: tuple[str, ...] = ()  # extra training-config overrides for both stages (experiments)
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(train_scenes=320, test_scenes=48, captions=64, stage2_epochs=2, seeds=1)
+        return cls(train_scenes=320, test_scenes=48, captions=64, stage2_epochs=2, seeds=1, save_every=10)
 
     def steps(self) -> tuple[int, int]:
         return self.captions // BATCH, self.train_scenes // BATCH * self.stage2_epochs
@@ -145,15 +150,19 @@ def build_data(out: Path, settings: DemoSettings, say: Callable[[str], None]) ->
 def train_variant(name: str, seed: int, data: Path, root: Path, settings: DemoSettings) -> Path:
     variant = VARIANTS[name]
     src = f"data.sources=[{{path: {data}/train/PAIRS, image_root: {data}/train/images, boxes: {data}/train/{variant.boxes}}}]"
-    common = [f"seed={seed}", f"save_every={settings.save_every}"]
+    common = [f"seed={seed}", f"save_every={settings.save_every}", *settings.overrides]
+    tower = ", high_res_tower" if variant.train_high_res else ""
     if not (root / "stage1/final").is_dir():
-        stage1 = src.replace("PAIRS", "captions.json").replace("}]", f", sample: 'first:{settings.captions}'}}]")
+        stage1 = src.replace("PAIRS", "captions.json").replace(
+            "}]", f", sample: 'first:{settings.captions}'}}]"
+        )
         overrides = f"model_overrides={{fusion: {variant.fusion}, object_tokens: {variant.object_tokens}}}"
-        config = load_config(TrainConfig, "demo-stage1", [stage1, overrides, f"output_dir={root}/stage1", *common])
+        config = load_config(TrainConfig, "demo-stage1", [stage1, overrides, f"output_dir={root}/stage1",
+                                                          f"stage.trainable=[new_modules{tower}]", *common])  # fmt: skip
         Trainer(config).run()
     if not (root / "stage2/final").is_dir():
         stage2 = [src.replace("PAIRS", "qa.json"), f"init_from={root}/stage1/final", f"output_dir={root}/stage2",
-                  f"stage.epochs={settings.stage2_epochs}"]  # fmt: skip
+                  f"stage.epochs={settings.stage2_epochs}", f"stage.trainable=[new_modules, language_model{tower}]"]  # fmt: skip
         Trainer(load_config(TrainConfig, "demo-stage2", [*stage2, *common])).run()
     return root / "stage2/final"
 
@@ -197,8 +206,13 @@ def execute_run(name: str, seed: int, data: Path, root: Path, settings: DemoSett
 def _jobs(variants: tuple[str, ...], seeds: int, data: Path, runs: Path, settings: DemoSettings,
           questions: int) -> list[Job]:  # fmt: skip
     return [
-        Job(f"{name}/seed{seed}", runs / name / f"seed{seed}", settings.steps(), questions,
-            (name, seed, data, runs / name / f"seed{seed}", settings))  # fmt: skip
+        Job(
+            f"{name}/seed{seed}",
+            runs / name / f"seed{seed}",
+            settings.steps(),
+            questions,
+            (name, seed, data, runs / name / f"seed{seed}", settings),
+        )
         for name in variants
         for seed in range(seeds)
     ]

@@ -62,6 +62,12 @@ class SceneSpec:
     small_side: tuple[int, int] = (3, 6)  # the small shape's longer side, px
     stripe_length: tuple[int, int] = (16, 28)
     stripe_width: int = 1
+    # Where the parts lie (cells, x then y): fixed, so that a 1M-parameter LLM trained for a minute has to
+    # learn which token holds the answer, not a visual search for the part (see the module docstring).
+    big_cell: tuple[int, int] = (1, 1)
+    small_cell: tuple[int, int] = (4, 1)
+    stripe_cell: tuple[int, int] = (1, 4)
+    train_turns: int = 3  # questions per training conversation (random parts, random order); test asks all
     layout: str = "combined"  # combined: all three parts, three questions; separate: one part per scene
     detector: DetectorModel = field(default_factory=DetectorModel)
 
@@ -90,11 +96,20 @@ class Scene:
 
     @property
     def sources(self) -> list[int]:
-        return [self.big.source.image_id, self.small.source.image_id, self.stripe.source.image_id, *self.clutter]
+        return [
+            self.big.source.image_id,
+            self.small.source.image_id,
+            self.stripe.source.image_id,
+            *self.clutter,
+        ]
 
     def objects(self) -> list[SceneObject]:
         """What a detector could box: the two shapes (a stripe is not an object)."""
-        return [SceneObject(getattr(self, p).source.shape, getattr(self, p).box) for p in ("big", "small") if p in self.shown]
+        return [
+            SceneObject(getattr(self, p).source.shape, getattr(self, p).box)
+            for p in ("big", "small")
+            if p in self.shown
+        ]
 
 
 def easy_vqa_split(split: str) -> tuple[list[Annotation], dict[int, str], int]:
@@ -144,13 +159,18 @@ class Composer:
     def panel(self, annotation: Annotation, size: int) -> Image.Image:
         return bare(self.image(annotation)).resize((size, size), Image.BOX)
 
-    def compose(self, rng: random.Random, scene_id: str, shown: tuple[str, ...] = ("big", "small", "stripe")) -> Scene:
+    def compose(
+        self, rng: random.Random, scene_id: str, shown: tuple[str, ...] = ("big", "small", "stripe")
+    ) -> Scene:
         spec, cell = self.spec, self.spec.cell
         big_src, small_src, stripe_src = self._three_colours(rng)
-        block = rng.randrange(spec.grid - 1), rng.randrange(spec.grid - 1)  # top-left cell of the 2 x 2 block
-        taken = {(block[0] + dx, block[1] + dy) for dx in (0, 1) for dy in (0, 1)}
+        block = spec.big_cell  # top-left cell of the 2 x 2 block
+        taken = {(block[0] + dx, block[1] + dy) for dx in (0, 1) for dy in (0, 1)} | {
+            spec.small_cell,
+            spec.stripe_cell,
+        }
         free = [(x, y) for y in range(spec.grid) for x in range(spec.grid) if (x, y) not in taken]
-        cells = rng.sample(free, 2 + spec.clutter)
+        cells = [spec.small_cell, spec.stripe_cell, *rng.sample(free, spec.clutter)]
         canvas = Image.new("RGB", (spec.side, spec.side), (255, 255, 255))
         blank = Image.new("RGB", canvas.size)
         big = self._big(rng, canvas if "big" in shown else blank, big_src, block)
@@ -174,7 +194,9 @@ class Composer:
         scale = longer / max(crop.width, crop.height)
         return crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BOX)
 
-    def _big(self, rng: random.Random, canvas: Image.Image, src: Annotation, block: tuple[int, int]) -> Placed:
+    def _big(
+        self, rng: random.Random, canvas: Image.Image, src: Annotation, block: tuple[int, int]
+    ) -> Placed:
         """The shape at 40-64 px on its own background, filling a 2 x 2 block of cells."""
         size = 2 * self.spec.cell
         image = self.image(src)
@@ -190,7 +212,9 @@ class Composer:
         sb = shape_box(window)
         return Placed(src, (x0 + sb[0], y0 + sb[1], x0 + sb[2], y0 + sb[3]))
 
-    def _small(self, rng: random.Random, canvas: Image.Image, src: Annotation, cell: tuple[int, int]) -> Placed:
+    def _small(
+        self, rng: random.Random, canvas: Image.Image, src: Annotation, cell: tuple[int, int]
+    ) -> Placed:
         """The shape shrunk to 3-6 px at a random spot of a bare panel of its own image."""
         c = self.spec.cell
         x0, y0 = cell[0] * c, cell[1] * c
@@ -201,17 +225,21 @@ class Composer:
         canvas.paste(shape, (px, py), mask if mask.getbbox() else None)
         return Placed(src, (px, py, px + shape.width, py + shape.height))
 
-    def _stripe(self, rng: random.Random, canvas: Image.Image, src: Annotation, cell: tuple[int, int]) -> Placed:
+    def _stripe(
+        self, rng: random.Random, canvas: Image.Image, src: Annotation, cell: tuple[int, int]
+    ) -> Placed:
         """A band of the shape's own pixels (its middle row, edges left out), 1 px wide, on a bare panel."""
         c, spec = self.spec.cell, self.spec
         x0, y0 = cell[0] * c, cell[1] * c
         canvas.paste(self.panel(src, c), (x0, y0))
         image = self.image(src)
         inside = ~_background_mask(image)
-        x1, y1, x2, y2 = (int(v) for v in shape_box(image))
+        _, y1, _, y2 = (int(v) for v in shape_box(image))
         row = (y1 + y2) // 2
         xs = np.nonzero(inside[row])[0]
-        band = np.asarray(image)[row : row + 1, xs.min() + 1 : xs.max()]  # (1, w, 3), antialiased ends dropped
+        band = np.asarray(image)[
+            row : row + 1, xs.min() + 1 : xs.max()
+        ]  # (1, w, 3), antialiased ends dropped
         length = rng.randint(*spec.stripe_length)
         stripe = Image.fromarray(band).resize((length, spec.stripe_width), Image.NEAREST)
         if rng.random() < 0.5:
@@ -257,7 +285,11 @@ def build_split(split: str, n: int, out: Path, spec: SceneSpec, seed: int) -> di
     (out / "images").mkdir(parents=True, exist_ok=True)
     captions, qa, short, boxes, coco, layout = [], [], [], [], [], []
     for index in range(n):
-        shown = (("big", "small", "stripe")[index % 3],) if spec.layout == "separate" else ("big", "small", "stripe")
+        shown = (
+            (("big", "small", "stripe")[index % 3],)
+            if spec.layout == "separate"
+            else ("big", "small", "stripe")
+        )
         scene = composer.compose(rng, f"{split}-{index:05d}", shown)
         name = f"{scene.scene_id}.png"
         scene.image.save(out / "images" / name)
@@ -269,8 +301,10 @@ def build_split(split: str, n: int, out: Path, spec: SceneSpec, seed: int) -> di
         boxes.append({**key, **found})
         asked = questions(scene, found, spec.detector)
         asked = [q for q in asked if q["part"] in shown]
-        captions.append(_record(f"{scene.scene_id}-cap", name, [("Describe the image briefly.", caption(scene))]))
-        turns = rng.sample(asked, len(asked))
+        captions.append(
+            _record(f"{scene.scene_id}-cap", name, [("Describe the image briefly.", caption(scene))])
+        )
+        turns = rng.sample(asked, len(asked))[: spec.train_turns if split == "train" else None]
         qa.append({**_record(scene.scene_id, name, [(f"{q['question']}\n{SHORT_SUFFIX}", q["answer"]) for q in turns]),
                    "parts": [q["part"] for q in turns], "kinds": [q["kind"] for q in turns]})  # fmt: skip
         for q in asked:
