@@ -43,7 +43,9 @@ class Variant:
     fusion: str
     object_tokens: str
     boxes: str = "boxes.jsonl"
-    train_high_res: bool = False  # the ConvNeXt trains with the new modules (both stages) instead of frozen
+    train_towers: tuple[
+        str, ...
+    ] = ()  # towers that train with the new modules (both stages) instead of frozen
 
 
 VARIANTS = {
@@ -58,8 +60,11 @@ VARIANTS = {
     "objects_b2f": Variant("objects: cross-attention B-to-F", "conv_gate", "cross_attn_b2f"),
     "tags_coco80": Variant("full, boxes from COCO-80 tags", "conv_gate", "concat", "boxes-coco80.jsonl"),
     "fusion_trained_convnext": Variant("+ Conv-Gate, ConvNeXt trained, no objects", "conv_gate", "off",
-                                       train_high_res=True),
-    "full_trained_convnext": Variant("full, ConvNeXt trained", "conv_gate", "concat", train_high_res=True),
+                                       train_towers=("high_res_tower",)),
+    "full_trained_convnext": Variant("full, ConvNeXt trained", "conv_gate", "concat", train_towers=("high_res_tower",)),
+    "baseline_trained_clip": Variant("baseline, CLIP trained", "none", "off", train_towers=("vision_tower",)),
+    "fusion_trained_towers": Variant("+ Conv-Gate, both towers trained, no objects", "conv_gate", "off",
+                                     train_towers=("vision_tower", "high_res_tower")),
 }  # fmt: skip
 DEFAULT_VARIANTS = ("baseline", "fusion", "objects", "full")
 BATCH = 16  # the demo stages' global batch (configs/train/demo-stage*.yaml)
@@ -115,10 +120,10 @@ def _wanted(settings: DemoSettings) -> dict[str, Any]:
 def check_output_folder(out: Path, settings: DemoSettings) -> None:
     """Refuse a folder whose data and runs were made with other settings (they would be mixed in)."""
     path = out / "settings.json"
-    wanted = _wanted(settings)
+    wanted = json.loads(json.dumps(_wanted(settings)))  # as the file holds it: tuples are lists
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(wanted)):
+        if old != wanted:
             differ = sorted(k for k in set(old["settings"]) | set(wanted["settings"])
                             if old["settings"].get(k) != wanted["settings"].get(k))  # fmt: skip
             what = ", ".join(differ) if differ else "the scene specification"
@@ -151,7 +156,7 @@ def train_variant(name: str, seed: int, data: Path, root: Path, settings: DemoSe
     variant = VARIANTS[name]
     src = f"data.sources=[{{path: {data}/train/PAIRS, image_root: {data}/train/images, boxes: {data}/train/{variant.boxes}}}]"
     common = [f"seed={seed}", f"save_every={settings.save_every}", *settings.overrides]
-    tower = ", high_res_tower" if variant.train_high_res else ""
+    tower = "".join(f", {t}" for t in variant.train_towers)
     if not (root / "stage1/final").is_dir():
         stage1 = src.replace("PAIRS", "captions.json").replace(
             "}]", f", sample: 'first:{settings.captions}'}}]"
