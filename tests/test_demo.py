@@ -256,3 +256,11 @@ def test_probe_features_and_linear_probe(built):
     assert linear_probe(x[:90], labels[:90], x[90:], labels[90:]) == 100.0
     noise = rng.normal(size=(120, 5))
     assert linear_probe(noise[:90], labels[:90], noise[90:], labels[90:]) < 70.0
+
+
+def test_gate_read_out_agrees_with_the_trained_conv_gate(quick_demo):
+    from mgllava.demo.probe import gate_opening
+
+    images = sorted((quick_demo / "data/test/images").glob("*.png"))[:4]
+    opening = gate_opening(quick_demo / "runs/full/seed0/stage2/final", images)  # raises if it disagrees
+    assert -1 <= opening["tanh_gate"] <= 1 and opening["tanh_gate"] != 0 and opening["added_over_low"] > 0

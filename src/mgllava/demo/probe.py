@@ -113,6 +113,34 @@ def probe(data: Path, seed: int = 0, limit: int | None = None) -> dict[str, dict
                    for name in train[part]} for part in PARTS}  # fmt: skip
 
 
+@torch.no_grad()
+def gate_opening(model_dir: Path, images: list[Path]) -> dict[str, float]:
+    """A trained Conv-Gate on some images: mean tanh(gate), and the norm of what it adds (tanh(gate) * h)
+    relative to the low-res tokens it adds to (docs/design.md section 4)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForImageTextToText
+
+    from ..data.processor import MGLlavaProcessor
+    from ..model.fusion import _tokens
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    fusion = model.fusion
+    pixels_of = MGLlavaProcessor.from_preset("demo").image_processor.pixels
+    lows, highs = zip(*(pixels_of(Image.open(p).convert("RGB")) for p in images), strict=True)
+    low = model.vision_tower(torch.stack(lows))
+    stages = model.high_res_tower(torch.stack(highs))
+    high = stages[-1]
+    h = _tokens(fusion.slow_proj(F.gelu(fusion.slow_conv(high))))
+    b, _, c = low.shape
+    grid = low.transpose(1, 2).reshape(b, c, high.shape[-2], high.shape[-1])
+    tokens = _tokens(grid + fusion.fast_proj(F.gelu(fusion.fast_conv(grid))))
+    gate = torch.tanh(fusion.gate(torch.cat([tokens, h], dim=-1).mean(dim=1)))  # (B, 1)
+    if not torch.allclose(tokens + gate.unsqueeze(1) * h, fusion(low, stages), atol=1e-5):
+        raise RuntimeError("the gate read-out disagrees with ConvGateFusion.forward")  # the module changed
+    added = (gate.unsqueeze(1) * h).norm() / tokens.norm()
+    return {"tanh_gate": round(float(gate.mean()), 3), "added_over_low": round(float(added), 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mgllava.demo.probe <demo data folder> [--limit N]`: print the probe table (markdown)."""
     import argparse
@@ -121,7 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", type=Path, help="a demo data folder (runs/demo/data) with train/ and test/")
     parser.add_argument("--limit", type=int, help="scenes per split (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="the towers' initialisation seed")
+    parser.add_argument(
+        "--gates", type=Path, help="instead: the Conv-Gate of every trained run under this folder"
+    )
     args = parser.parse_args(argv)
+    if args.gates:
+        images = sorted((args.data / "test" / "images").glob("*.png"))[:64]
+        for final in sorted(args.gates.glob("*/seed*/stage2/final")):
+            if json.loads((final / "config.json").read_text()).get("fusion") == "conv_gate":
+                print(final.parent.parent.relative_to(args.gates), gate_opening(final, images))
+        return 0
     table = probe(args.data, args.seed, args.limit)
     names = list(next(iter(table.values())))
     print("| part | " + " | ".join(names) + " |")
