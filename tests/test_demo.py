@@ -208,17 +208,13 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
 @pytest.mark.slow
 def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(quick_demo, tmp_path):
     out = tmp_path / "resumed"
-    command = [
-        sys.executable,
-        "-m",
-        "mgllava.cli",
-        "demo",
-        "--quick",
-        "--variants",
-        "full",
-        "--out",
-        str(out),
-    ]
+    argv = ["demo", "--quick", "--variants", "full", "--out", str(out)]
+    # Ctrl-C's handler set explicitly: under a non-interactive shell's background job SIGINT starts ignored
+    script = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from mgllava.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", script, *argv]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoints = out / "runs/full/seed0/stage2/checkpoints"
     deadline = time.monotonic() + 600

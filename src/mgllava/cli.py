@@ -32,11 +32,15 @@ def _demo(args: argparse.Namespace) -> int:
         variants = DEFAULT_VARIANTS
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
     try:
-        report = run_demo(out, variants, quick=args.quick, seeds=args.seeds, workers=args.workers)
+        report = run_demo(
+            out, variants, quick=args.quick, seeds=args.seeds, workers=args.workers, epochs=args.epochs
+        )
     except KeyboardInterrupt:
         print(f"\nmgllava demo: interrupted; run the same command again to resume ({out})", file=sys.stderr)
         return 130
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", help="comma-separated variant names, or all (default: baseline,fusion,objects,full)"
     )
     demo.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
+    demo.add_argument("--epochs", type=int, help="stage-2 epochs (default 3, quick 2)")
     demo.add_argument(
         "--workers",
         type=int,

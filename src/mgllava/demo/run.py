@@ -233,11 +233,13 @@ def _finished_line(job: Job) -> str:
 
 
 def run_demo(out: str | Path, variants: tuple[str, ...] = DEFAULT_VARIANTS, quick: bool = False,
-             seeds: int | None = None, workers: int | None = None,
+             seeds: int | None = None, workers: int | None = None, epochs: int | None = None,
              say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     settings = DemoSettings.quick() if quick else DemoSettings()
     if seeds is not None:
         settings = replace(settings, seeds=seeds)
+    if epochs is not None:
+        settings = replace(settings, stage2_epochs=epochs)
     workers = workers or min(2, os.cpu_count() or 1)
     out = Path(out)
     start = time.perf_counter()
