@@ -97,7 +97,7 @@ What is real and what is not:
 - weights: every network starts from random initialisation - nothing pretrained exists on this machine.
   Vision towers (CLIP, ConvNeXt): random and frozen in both stages, as the paper freezes its (pretrained)
   towers. LLM: random; frozen in stage 1, trained in stage 2. Trained: fusion, projector, box projector,
-  object mixer (both stages) and the LLM (stage 2).
+  object mixer (both stages) and the LLM (stage 2); the *_trained_* variants also train the tower they name.
 - scale: a {params:,}-parameter miniature at 84/192 px on a CPU, minutes not days; the numbers show the
   direction of the paper's ablation on a task built to need each granularity, not the paper's benchmarks."""
 
