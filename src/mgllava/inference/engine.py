@@ -8,7 +8,7 @@
 
 - Batching: requests with the same sampling settings share one `generate`; each row keeps its own
   `max_new_tokens` (`RowLimits`) and stops at the template's stop token. Greedy answers are identical to
-  running each request alone (left padding with real attention masks, as `tests/test_modeling.py` checks).
+  running each request alone (left padding with real attention masks, as `tests/model/test_modeling.py` checks).
 - Reuse: a Frame's key is a digest of its pixel tensors and boxes, so the images of a conversation are
   encoded once and every later turn (which re-sends the whole conversation) reuses their visual rows.
   Proposed boxes are cached by the proposer (by content).
