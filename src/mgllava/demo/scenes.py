@@ -6,7 +6,10 @@
       small shape an easy-vqa shape scaled down to 3-6 px, on a bare easy-vqa panel, in one cell
       stripe      a 1 px band cut from an easy-vqa shape, 16-28 px long, on a bare panel, in one cell
       clutter     bare easy-vqa panels (their shape painted out) in other cells
-    the three colours differ, so no answer can be read off another object.
+    the three colours differ, so no answer can be read off another object. The parts lie at fixed cells
+    (`SceneSpec.big_cell`, `small_cell`, `stripe_cell`; their spot inside the cell is random): a 1M-parameter
+    LLM trained for a minute then has to learn which rows hold the answer, not also a visual search for the
+    part. With random positions the demo's variants learned nothing from the image rows at all.
 
 Questions, three kinds, asked of every scene and scored separately (`KINDS`):
 
