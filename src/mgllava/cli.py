@@ -30,7 +30,20 @@ def _demo(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)} or all")
     else:
         variants = DEFAULT_VARIANTS
-    report = run_demo(args.out, variants, quick=args.quick, seeds=args.seeds)
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    try:
+        report = run_demo(
+            out, variants, quick=args.quick, seeds=args.seeds, workers=args.workers, epochs=args.epochs
+        )
+    except KeyboardInterrupt:
+        print(f"\nmgllava demo: interrupted; run the same command again to resume ({out})", file=sys.stderr)
+        return 130
     return 0 if report["rows"] else 1
 
 
@@ -211,12 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and evaluate miniature MG-LLaVA variants on easy-vqa scenes")
-    demo.add_argument("--out", default="runs/demo", help="where data, runs, results and the model go")
-    demo.add_argument("--quick", action="store_true", help="the same path on little data, about a minute")
     demo.add_argument(
-        "--variants", help="comma-separated variant names, or all (default: baseline,objects,full)"
+        "--out", help="where data, runs, results and the model go (runs/demo, quick: runs/demo-quick)"
+    )
+    demo.add_argument("--quick", action="store_true", help="the same path on little data, a minute or two")
+    demo.add_argument(
+        "--variants", help="comma-separated variant names, or all (default: baseline,fusion,objects,full)"
     )
     demo.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
+    demo.add_argument("--epochs", type=int, help="stage-2 epochs (default 3, quick 2)")
+    demo.add_argument(
+        "--workers",
+        type=int,
+        help="runs trained side by side, one torch thread each (default: 2 or the cores)",
+    )
     demo.set_defaults(func=_demo)
 
     asm = sub.add_parser(

@@ -1,22 +1,27 @@
-"""`mgllava demo`: build the fine-grained benchmark, train miniature MG-LLaVA variants through both stages with
-the real trainer, score them with the real evaluation harness, and report the paper's ablation in small.
+"""`mgllava demo`: build the scene benchmark, train miniature MG-LLaVA variants through both stages with the
+real trainer, score them per question kind with the real evaluation harness, and report the paper's
+ablation in small.
 
-    easy-vqa ──► scenes.build_split ──► train/ (captions, QA, boxes)   test/ (short-answer JSONL, boxes)
-    for each variant and seed:  demo-stage1 ──► demo-stage2 (train.Trainer) ──► eval.run_eval (short_vqa)
-    ──► table (markdown + JSON), plot (PNG), the full model in <out>/model for `mgllava chat`
+    easy-vqa ──► scenes.build_split ──► train/ (captions, 3-question conversations, boxes)
+                                        test/  (one short-answer line per question, kind a/b/c, boxes)
+    for each variant and seed, in parallel workers (jobs.py):
+        demo-stage1 ──► demo-stage2 (train.Trainer) ──► eval.run_eval (short_vqa) ──► result.json
+    ──► table per kind (markdown + JSON), plot (PNG), the full model in <out>/model for `mgllava chat`
 
-Every step is resumable: a finished data split, training stage or evaluation is found on disk and reused,
-and an interrupted one continues from its own checkpoint or prediction file.
+Every step is resumable: the data is reused when its settings match, a finished run is skipped, and an
+interrupted one continues from its trainer checkpoint and its answered questions. An output folder made
+with other settings is refused rather than mixed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,9 @@ from ..train.config import TrainConfig
 from ..train.trainer import Trainer
 from ..utils.io import atomic_write_json, atomic_write_text, read_jsonl
 from .check import verify_benchmark
-from .scenes import SceneSpec, build_split
+from .jobs import Job, run_jobs
+from .report import collapse_note, markdown, plot, summarize, verdict
+from .scenes import KINDS, SceneSpec, build_split
 
 
 @dataclass(frozen=True)
@@ -36,47 +43,63 @@ class Variant:
     fusion: str
     object_tokens: str
     boxes: str = "boxes.jsonl"
+    train_towers: tuple[
+        str, ...
+    ] = ()  # towers that train with the new modules (both stages) instead of frozen
 
 
 VARIANTS = {
     "baseline": Variant("LLaVA-style baseline (low-res only)", "none", "off"),
-    "objects": Variant("+ object tokens", "none", "concat"),
-    "full": Variant("+ Conv-Gate (full MG-LLaVA)", "conv_gate", "concat"),
-    "conv_gate_only": Variant("Conv-Gate, no object tokens", "conv_gate", "off"),
+    "fusion": Variant("+ high-res fusion (Conv-Gate), no objects", "conv_gate", "off"),
+    "objects": Variant("+ object tokens, no fusion", "none", "concat"),
+    "full": Variant("full MG-LLaVA (Conv-Gate + object tokens)", "conv_gate", "concat"),
     "fusion_concat": Variant("fusion: channel concat", "concat", "concat"),
     "fusion_patch_info_mining": Variant("fusion: patch info mining", "patch_info_mining", "concat"),
     "fusion_resampler": Variant("fusion: resampler", "resampler", "concat"),
     "objects_f2b": Variant("objects: cross-attention F-to-B", "conv_gate", "cross_attn_f2b"),
     "objects_b2f": Variant("objects: cross-attention B-to-F", "conv_gate", "cross_attn_b2f"),
     "tags_coco80": Variant("full, boxes from COCO-80 tags", "conv_gate", "concat", "boxes-coco80.jsonl"),
-}
-DEFAULT_VARIANTS = ("baseline", "objects", "full")
+    "fusion_trained_convnext": Variant("+ Conv-Gate, ConvNeXt trained, no objects", "conv_gate", "off",
+                                       train_towers=("high_res_tower",)),
+    "full_trained_convnext": Variant("full, ConvNeXt trained", "conv_gate", "concat", train_towers=("high_res_tower",)),
+    "baseline_trained_clip": Variant("baseline, CLIP trained", "none", "off", train_towers=("vision_tower",)),
+    "fusion_trained_towers": Variant("+ Conv-Gate, both towers trained, no objects", "conv_gate", "off",
+                                     train_towers=("vision_tower", "high_res_tower")),
+}  # fmt: skip
+DEFAULT_VARIANTS = ("baseline", "fusion", "objects", "full")
+BATCH = 16  # the demo stages' global batch (configs/train/demo-stage*.yaml)
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    train_scenes: int = 1500
+    train_scenes: int = 1000
     test_scenes: int = 200
-    captions: int = 500  # stage-1 pairs used (of train_scenes)
+    captions: int = 256  # stage-1 pairs used (of train_scenes)
     stage2_epochs: int = 3
     seeds: int = 3
     data_seed: int = 0
+    save_every: int = 40  # trainer checkpoints: what an interruption can lose
+    overrides: tuple[str, ...] = ()  # extra training-config overrides for both stages (experiments)
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(train_scenes=400, test_scenes=48, captions=96, stage2_epochs=3, seeds=1)
+        return cls(train_scenes=320, test_scenes=48, captions=64, stage2_epochs=2, seeds=1, save_every=10)
+
+    def steps(self) -> tuple[int, int]:
+        return self.captions // BATCH, self.train_scenes // BATCH * self.stage2_epochs
 
 
 HONESTY = """\
 What is real and what is not:
-- data: real easy-vqa images and annotations, composed into scenes; the boxes are NOT from a detector:
-  they are the shape's true box plus simulated detector noise (jitter, 10% misses, 20% spurious boxes).
+- data: real easy-vqa images and annotations, composed into scenes (a big shape, a small one, a stripe,
+  bare panels). The boxes are NOT from a detector: a simulated OWLv2 boxes the true objects with stated
+  recall (95% large, {small_recall:.0%}-ish small), box noise and false positives (demo/detector.py).
 - weights: every network starts from random initialisation - nothing pretrained exists on this machine.
   Vision towers (CLIP, ConvNeXt): random and frozen in both stages, as the paper freezes its (pretrained)
-  towers. LLM: random; frozen in stage 1 (so stage 1, trained on captions, aligns little), trained in stage 2.
-  Trained: fusion, projector, box projector (both stages) and the LLM (stage 2).
+  towers. LLM: random; frozen in stage 1, trained in stage 2. Trained: fusion, projector, box projector,
+  object mixer (both stages) and the LLM (stage 2); the *_trained_* variants also train the tower they name.
 - scale: a {params:,}-parameter miniature at 84/192 px on a CPU, minutes not days; the numbers show the
-  direction of the paper's ablation on a task built to need fine detail, not the paper's benchmarks."""
+  direction of the paper's ablation on a task built to need each granularity, not the paper's benchmarks."""
 
 
 def _demo_parameters() -> int:
@@ -90,160 +113,161 @@ def _demo_parameters() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _wanted(settings: DemoSettings) -> dict[str, Any]:
+    return {"settings": asdict(settings), "spec": asdict(SceneSpec())}
+
+
+def check_output_folder(out: Path, settings: DemoSettings) -> None:
+    """Refuse a folder whose data and runs were made with other settings (they would be mixed in)."""
+    path = out / "settings.json"
+    wanted = json.loads(json.dumps(_wanted(settings)))  # as the file holds it: tuples are lists
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != wanted:
+            differ = sorted(k for k in set(old["settings"]) | set(wanted["settings"])
+                            if old["settings"].get(k) != wanted["settings"].get(k))  # fmt: skip
+            what = ", ".join(differ) if differ else "the scene specification"
+            raise ValueError(f"{out} holds a demo made with other settings ({what}); use another --out")
+    else:
+        atomic_write_json(path, wanted)
+
+
 def build_data(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
     summary_path = out / "summary.json"
-    wanted = {"settings": asdict(settings), "spec": asdict(SceneSpec())}
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("wanted") == wanted:
+    if summary_path.is_file():
         say(f"data: reusing {out}")
         return json.loads(summary_path.read_text())
     start = time.perf_counter()
     spec = SceneSpec()
     train = build_split("train", settings.train_scenes, out / "train", spec, settings.data_seed)
     test = build_split("test", settings.test_scenes, out / "test", spec, settings.data_seed)
-    check = verify_benchmark(out)
-    summary = {"wanted": wanted, "train": _brief(train), "test": _brief(test), "check": check}
+    check = verify_benchmark(out, spec)
+    summary = {"train": train, "test": test, "check": check, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(summary_path, summary)
-    say(f"data: {settings.train_scenes} train / {settings.test_scenes} test scenes in {time.perf_counter() - start:.0f} s; "
-        f"{check['answers_checked']} answers checked against the easy-vqa annotations, "
-        f"{check['shared_source_images']} source images shared between splits")  # fmt: skip
+    kinds = ", ".join(f"{k} {n}" for k, n in test["questions"].items())
+    say(f"data: {settings.train_scenes} train / {settings.test_scenes} test scenes in {summary['seconds']:.0f} s; "
+        f"test questions by kind: {kinds}; {check['answers_checked']} answers and "
+        f"{check['kinds_checked']} kinds checked, {check['shared_source_images']} source images shared "
+        "between splits")  # fmt: skip
     return summary
 
 
-def _brief(split: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in split.items() if k != "source_images"}
-
-
-def train_variant(name: str, seed: int, data: Path, runs: Path, settings: DemoSettings) -> Path:
+def train_variant(name: str, seed: int, data: Path, root: Path, settings: DemoSettings) -> Path:
     variant = VARIANTS[name]
-    root = runs / name / f"seed{seed}"
-    src = f"data.sources=[{{path: {data}/train/CAPTIONS, image_root: {data}/train/images, boxes: {data}/train/{variant.boxes}}}]"
-    common = [f"seed={seed}", "save_every=100"]
+    src = f"data.sources=[{{path: {data}/train/PAIRS, image_root: {data}/train/images, boxes: {data}/train/{variant.boxes}}}]"
+    common = [f"seed={seed}", f"save_every={settings.save_every}", *settings.overrides]
+    tower = "".join(f", {t}" for t in variant.train_towers)
     if not (root / "stage1/final").is_dir():
-        stage1 = src.replace("CAPTIONS", "captions.json").replace(
+        stage1 = src.replace("PAIRS", "captions.json").replace(
             "}]", f", sample: 'first:{settings.captions}'}}]"
         )
         overrides = f"model_overrides={{fusion: {variant.fusion}, object_tokens: {variant.object_tokens}}}"
-        Trainer(
-            load_config(TrainConfig, "demo-stage1", [stage1, overrides, f"output_dir={root}/stage1", *common])
-        ).run()
+        config = load_config(TrainConfig, "demo-stage1", [stage1, overrides, f"output_dir={root}/stage1",
+                                                          f"stage.trainable=[new_modules{tower}]", *common])  # fmt: skip
+        Trainer(config).run()
     if not (root / "stage2/final").is_dir():
-        stage2 = [src.replace("CAPTIONS", "qa.json"), f"init_from={root}/stage1/final", f"output_dir={root}/stage2",
-                  f"stage.epochs={settings.stage2_epochs}"]  # fmt: skip
+        stage2 = [src.replace("PAIRS", "qa.json"), f"init_from={root}/stage1/final", f"output_dir={root}/stage2",
+                  f"stage.epochs={settings.stage2_epochs}", f"stage.trainable=[new_modules, language_model{tower}]"]  # fmt: skip
         Trainer(load_config(TrainConfig, "demo-stage2", [*stage2, *common])).run()
     return root / "stage2/final"
 
 
-def evaluate(model: Path, data: Path, variant: Variant, out: Path) -> float:
+def evaluate(model: Path, data: Path, variant: Variant, out: Path) -> dict[str, Any]:
     options = EvalOptions(benchmark="short_vqa", data=str(data / "test/test.jsonl"), out=str(out),
                           model=str(model), images=str(data / "test/images"),
-                          boxes=str(data / "test" / variant.boxes), batch_size=48)  # fmt: skip
-    results = run_eval(options)
-    return float(results["score"])
+                          boxes=str(data / "test" / variant.boxes), batch_size=48, max_new_tokens=8)  # fmt: skip
+    return run_eval(options)
 
 
-def _losses(folder: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(folder / "metrics.jsonl")]
+def execute_run(name: str, seed: int, data: Path, root: Path, settings: DemoSettings) -> None:
+    """One run in a worker: both stages, the evaluation, then `result.json` (the run is done when it exists).
+    Timings go to `timing.json`, kept apart so that a resumed run's result equals an uninterrupted one's."""
+    clock = {"wall": time.perf_counter(), "cpu": time.process_time()}
+    model = train_variant(name, seed, data, root, settings)
+    trained = {"wall": time.perf_counter(), "cpu": time.process_time()}
+    results = evaluate(model, data, VARIANTS[name], root / "eval")
+    done = {"wall": time.perf_counter(), "cpu": time.process_time()}
+    predictions = [r.get("prediction") for r in read_jsonl(root / "eval" / "predictions.jsonl")]
+    kinds = results["categories"]["category"]
+    result = {
+        "variant": name,
+        "seed": seed,
+        "overall": results["score"],
+        "kinds": {k: kinds[k]["score"] for k in KINDS if k in kinds},
+        "questions": {k: kinds[k]["n"] for k in KINDS if k in kinds},
+        "answers": dict(Counter(predictions).most_common()),
+        "stage2_loss": [r["loss"] for r in read_jsonl(root / "stage2" / "metrics.jsonl")],
+    }
+    atomic_write_json(root / "timing.json", {
+        "train_seconds": round(trained["wall"] - clock["wall"], 1),
+        "train_cpu_seconds": round(trained["cpu"] - clock["cpu"], 1),
+        "eval_seconds": round(done["wall"] - trained["wall"], 1),
+        "eval_cpu_seconds": round(done["cpu"] - trained["cpu"], 1),
+        "steps": list(settings.steps()), "questions": len(predictions),
+    })  # fmt: skip
+    atomic_write_json(root / "result.json", result)
 
 
-def summarize(scores: dict[str, list[float]]) -> list[dict[str, Any]]:
-    rows = []
-    for name, values in scores.items():
-        spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-        rows.append({"variant": name, "title": VARIANTS[name].title, "fusion": VARIANTS[name].fusion,
-                     "object_tokens": VARIANTS[name].object_tokens, "accuracy_mean": round(statistics.mean(values), 2),
-                     "accuracy_std": round(spread, 2), "per_seed": [round(v, 2) for v in values]})  # fmt: skip
-    return rows
+def _jobs(variants: tuple[str, ...], seeds: int, data: Path, runs: Path, settings: DemoSettings,
+          questions: int) -> list[Job]:  # fmt: skip
+    return [
+        Job(
+            f"{name}/seed{seed}",
+            runs / name / f"seed{seed}",
+            settings.steps(),
+            questions,
+            (name, seed, data, runs / name / f"seed{seed}", settings),
+        )
+        for name in variants
+        for seed in range(seeds)
+    ]
 
 
-def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
-    lines = [f"| variant | fusion | object tokens | accuracy (%), mean ± std over {seeds} seed(s) | per seed |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['title']} | {r['fusion']} | {r['object_tokens']} | "
-                     f"{r['accuracy_mean']:.1f} ± {r['accuracy_std']:.1f} | {', '.join(f'{v:.1f}' for v in r['per_seed'])} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def verdict(rows: list[dict[str, Any]]) -> str:
-    by = {r["variant"]: r for r in rows}
-    if "baseline" not in by or "full" not in by:
-        return "(run baseline and full to compare them)"
-    margin = by["full"]["accuracy_mean"] - by["baseline"]["accuracy_mean"]
-    if len(by["full"]["per_seed"]) < 2 or len(by["baseline"]["per_seed"]) < 2:
-        return f"full - baseline = {margin:+.1f} points (one seed: no seed-to-seed spread measured)"
-    spread = max(by["full"]["accuracy_std"], by["baseline"]["accuracy_std"])
-    holds = margin > 2 * spread
-    return (f"full - baseline = {margin:+.1f} points; largest seed-to-seed std {spread:.1f}: the margin is "
-            f"{'more' if holds else 'NOT more'} than twice the spread")  # fmt: skip
-
-
-def plot(rows: list[dict[str, Any]], curves: dict[str, list[list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in curves.items():
-        for k, losses in enumerate(runs):
-            left.plot(
-                losses,
-                color=f"C{list(curves).index(name)}",
-                alpha=0.8,
-                label=VARIANTS[name].title if k == 0 else None,
-            )
-    left.set(title="stage-2 training loss", xlabel="step", ylabel="loss", yscale="log")
-    left.legend(fontsize=8)
-    names = [r["title"] for r in rows]
-    right.bar(range(len(rows)), [r["accuracy_mean"] for r in rows], yerr=[r["accuracy_std"] for r in rows],
-              color=[f"C{i}" for i in range(len(rows))], capsize=4)  # fmt: skip
-    right.axhline(100 / 8, color="gray", linestyle=":", label="chance (8 colours)")
-    right.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
-    right.set(title="held-out accuracy", ylabel="% correct", ylim=(0, 100))
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+def _finished_line(job: Job) -> str:
+    result = json.loads(job.result.read_text())
+    kinds = "  ".join(f"{k} {v:5.1f}" for k, v in result["kinds"].items())
+    title = VARIANTS[result["variant"]].title
+    line = f"{title:44s} seed {result['seed']}: overall {result['overall']:5.1f}%  ({kinds})"
+    note = collapse_note(result["answers"])
+    return line + (f"\n    {note}" if note else "")
 
 
 def run_demo(out: str | Path, variants: tuple[str, ...] = DEFAULT_VARIANTS, quick: bool = False,
-             seeds: int | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+             seeds: int | None = None, workers: int | None = None, epochs: int | None = None,
+             say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     settings = DemoSettings.quick() if quick else DemoSettings()
-    n_seeds = seeds or settings.seeds
+    if seeds is not None:
+        settings = replace(settings, seeds=seeds)
+    if epochs is not None:
+        settings = replace(settings, stage2_epochs=epochs)
+    workers = workers or min(2, os.cpu_count() or 1)
     out = Path(out)
     start = time.perf_counter()
-    say(HONESTY.format(params=_demo_parameters()))
+    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, settings)
+    say(HONESTY.format(params=_demo_parameters(), small_recall=SceneSpec().detector.small_recall))
     data = out / "data"
     summary = build_data(data, settings, say)
-    scores: dict[str, list[float]] = {}
-    curves: dict[str, list[list[float]]] = {}
-    for name in variants:
-        for seed in range(n_seeds):
-            t = time.perf_counter()
-            model = train_variant(name, seed, data, out / "runs", settings)
-            score = evaluate(model, data, VARIANTS[name], out / "runs" / name / f"seed{seed}" / "eval")
-            scores.setdefault(name, []).append(score)
-            curves.setdefault(name, []).append(_losses(model.parent))
-            say(
-                f"{VARIANTS[name].title:38s} seed {seed}: held-out accuracy {score:5.1f}%  ({time.perf_counter() - t:.0f} s)"
-            )
-    rows = summarize(scores)
-    table = markdown(rows, n_seeds)
+    questions = sum(summary["test"]["questions"].values())
+    jobs = _jobs(variants, settings.seeds, data, out / "runs", settings, questions)
+    say(f"training and evaluating {len(jobs)} runs ({', '.join(variants)} x {settings.seeds} seed(s)), "
+        f"{workers} at a time, one torch thread each; logs in {out}/runs/<variant>/seed<k>/log.txt")  # fmt: skip
+    run_jobs(jobs, execute_run, workers, _finished_line, say, preload="mgllava.demo.run")
+    results = [json.loads(j.result.read_text()) for j in jobs]
+    rows = summarize(results, VARIANTS)
+    table = markdown(rows, settings.seeds)
     report = {"rows": rows, "verdict": verdict(rows), "data": summary, "settings": asdict(settings),
-              "seeds": n_seeds, "minutes": round((time.perf_counter() - start) / 60, 1)}  # fmt: skip
-    atomic_write_text(out / "results.md", table + "\n" + report["verdict"] + "\n")
+              "seeds": settings.seeds, "minutes": round((time.perf_counter() - start) / 60, 1)}  # fmt: skip
+    atomic_write_text(out / "results.md", table + "\n" + "\n".join(report["verdict"]) + "\n")
     atomic_write_json(out / "results.json", report)
-    plot(rows, curves, out / "results.png")
-    if "full" in scores:
+    plot(rows, results, out / "results.png")
+    if "full" in variants:
         shutil.rmtree(out / "model", ignore_errors=True)
         shutil.copytree(out / "runs" / "full" / "seed0" / "stage2" / "final", out / "model")
-    say("\n" + table + report["verdict"])
+    say("\n" + table + "\n".join(report["verdict"]))
     say(f"wrote {out}/results.md, results.json, results.png in {report['minutes']} min")
-    if "full" in scores:
+    if "full" in variants:
         example = data / "test" / "images" / "test-00000.png"
-        boxes = data / "test" / "boxes.jsonl"
-        say(f"try it: mgllava chat --model {out}/model --image {example} --box-file {boxes} --show-boxes "
-            "--prompt 'What color is the shape?'")  # fmt: skip
+        say(f"try it: mgllava chat --model {out}/model --image {example} --box-file {data}/test/boxes.jsonl "
+            "--show-boxes --prompt 'What color is the small shape?'")  # fmt: skip
     return report
