@@ -1,4 +1,5 @@
-"""A thread-safe LRU cache bounded by total bytes, for per-image visual rows and proposed boxes.
+"""A thread-safe LRU cache bounded by total bytes, for per-image visual rows, proposed boxes and the KV
+cache of earlier turns (`prefix.PrefixCache`).
 
 Keys are content digests (`digest`), so the same image given as a path, bytes or a data URL hits the
 same entry, and a conversation's images are encoded once however many turns re-send them.
@@ -71,6 +72,19 @@ class LRUCache(Generic[V]):
             while self._bytes > self.max_bytes:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self._bytes -= dropped
+
+    def pop(self, key: str) -> V | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return None
+            self._bytes -= item[1]
+            return item[0]
+
+    def items(self) -> list[tuple[str, V]]:
+        """A snapshot of the entries, least recently used first; does not count as use."""
+        with self._lock:
+            return [(key, value) for key, (value, _) in self._items.items()]
 
     def clear(self) -> None:
         with self._lock:
