@@ -12,12 +12,15 @@ from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProce
 from mgllava.inference import Batcher, Engine, GenerationSettings, Prepared
 from mgllava.inference.decoding import Request
 from mgllava.inference.kv import BatchCache
-from mgllava.inference.prefix import PrefixCache, content_ids
+from mgllava.inference.prefix import MIN_REUSE, PrefixCache, content_ids
 
 from .serving import ShapesProposer, ask, data_url, scene, tiny_parts
 from .test_inference import greedy, requests, two_turns
 
 STOP = 2  # the tiny tokenizer's </s>, the vicuna template's stop token
+QUESTION = (
+    "What is in the image? Tell me about every object, its colour and where it is."  # > MIN_REUSE tokens
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +212,8 @@ def test_seeded_samples_depend_on_the_request_only(engines):
 def test_a_second_turn_reuses_the_first_and_answers_as_recomputation(engines):
     engine, recompute, static = engines["continuous"], engines["recompute"], engines["static"]
     url = data_url(scene(11))
-    first = engine.chat(ask("What is in the image?", url), settings=greedy(12))
-    turn = [*ask("What is in the image?", url), {"role": "assistant", "content": first.text},
+    first = engine.chat(ask(QUESTION, url), settings=greedy(12))
+    turn = [*ask(QUESTION, url), {"role": "assistant", "content": first.text},
             {"role": "user", "content": "Where is it?"}]  # fmt: skip
     prepared = engine.prepare(turn, settings=greedy(12))
     last_placeholder = max(
@@ -226,12 +229,15 @@ def test_a_second_turn_reuses_the_first_and_answers_as_recomputation(engines):
 
 def test_a_prefix_that_ends_inside_an_image_splices_the_rest_of_its_rows(engines):
     engine, recompute = engines["continuous"], engines["recompute"]
-    prepared = engine.prepare(ask("What colour?", data_url(scene(12))), settings=greedy(8))
+    frames = np.random.default_rng(1).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
+    video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    prepared = engine.prepare(video, video=frames, settings=greedy(8))
     engine.generate([prepared])
     content = content_ids(prepared.input_ids, prepared.frames, engine.model.config.image_token_id)
-    entry, _ = engine.prefixes.lookup(content)
-    cut = prepared.input_ids.index(engine.model.config.image_token_id) + 5
-    engine.prefixes.entries.clear()
+    entry, _, _ = engine.prefixes.lookup(content)
+    first = prepared.input_ids.index(engine.model.config.image_token_id)
+    cut = first + 2 * prepared.frames[0].rows + 5  # inside the third frame's rows
+    engine.prefixes.clear()
     engine.prefixes.put(content[:cut], [(k[:, :, :cut], v[:, :, :cut]) for k, v in entry.kv])
     reused = engine.prefixes.reused_tokens
     assert solo(engine, prepared) == solo(recompute, prepared)
@@ -241,35 +247,68 @@ def test_a_prefix_that_ends_inside_an_image_splices_the_rest_of_its_rows(engines
 def test_an_evicted_prefix_falls_back_to_recomputation(parts, engines):
     model, processor = parts
     probe = Engine(model, processor, ShapesProposer())
-    conversation = ask("What is in the image?", data_url(scene(13)))
+    conversation = ask(QUESTION, data_url(scene(13)))
     first = probe.chat(conversation, settings=greedy(6))
     engine = Engine(model, processor, ShapesProposer(), prefix_cache_bytes=int(probe.prefixes.bytes * 1.5))
     assert engine.chat(conversation, settings=greedy(6)).token_ids == first.token_ids
-    engine.chat(ask("And this one?", data_url(scene(14))), settings=greedy(6))  # evicts the first entry
+    engine.chat(ask(QUESTION, data_url(scene(14))), settings=greedy(6))  # evicts the first entry
     assert len(engine.prefixes) == 1
     turn = [*conversation, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Why?"}]
     prepared = engine.prepare(turn, settings=greedy(8))
-    first_placeholder = prepared.input_ids.index(model.config.image_token_id)
-    reused = engine.prefixes.reused_tokens
-    assert solo(engine, prepared) == solo(engines["recompute"], prepared)
-    assert engine.prefixes.reused_tokens - reused <= first_placeholder  # at most the shared template text
+    reused = probe.prefixes.reused_tokens, engine.prefixes.reused_tokens
+    expected = solo(engines["recompute"], prepared)
+    assert solo(probe, prepared) == expected and probe.prefixes.reused_tokens > reused[0]  # kept: reused
+    assert solo(engine, prepared) == expected and engine.prefixes.reused_tokens == reused[1]  # evicted
 
 
-def test_prefix_cache_keeps_the_longest_entries_within_its_bytes():
+def test_prefix_cache_finds_the_longest_prefix_and_keeps_within_its_bytes():
     def kv(n: int):
-        return [(torch.ones(1, 2, n, 4), torch.ones(1, 2, n, 4))]
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]  # 8 bytes a token
 
-    cache = PrefixCache(max_bytes=700)  # two 5-token entries of 320 bytes (K and V: 2 heads x 5 x 4 floats)
-    cache.put(torch.tensor([1, 2, 3]), kv(3))
-    cache.put(torch.tensor([1, 2, 3, 4, 5]), kv(5))  # extends the first: the first is dropped
-    assert len(cache) == 1
-    entry, n = cache.lookup(torch.tensor([1, 2, 3, 4, 5]))
-    assert n == 4 and entry.content.tolist() == [1, 2, 3, 4, 5]  # never the whole prompt
-    assert cache.lookup(torch.tensor([9, 9])) == (None, 0)
-    cache.put(torch.tensor([7, 8, 9, 10, 11]), kv(5))
-    cache.put(torch.tensor([6, 6, 6, 6, 6]), kv(5))  # over the bound: the least recently used goes
-    assert len(cache) == 2 and cache.lookup(torch.tensor([1, 2, 3, 4, 9]))[1] == 0
-    assert cache.hits == 1 and cache.misses == 2 and cache.reused_tokens == 4
+    def tokens(*spans: tuple[int, int]) -> torch.Tensor:
+        return torch.cat([torch.arange(a, b) for a, b in spans])
+
+    cache = PrefixCache(max_bytes=8 * 250)
+    first = tokens((0, 100))
+    cache.put(first, kv(100))
+    prompt = tokens((0, 90), (500, 520))
+    entry, n, key = cache.lookup(prompt)
+    assert n == 90 and entry.content is first
+    assert cache.lookup(tokens((0, MIN_REUSE - 1), (600, 700)))[1] == 0  # too short a match: recomputed
+    assert cache.lookup(first)[1] == 99  # never the whole prompt
+    cache.put(tokens((0, 90), (500, 560)), kv(150), extends=key)  # reused the first: it goes
+    assert len(cache) == 1 and cache.lookup(prompt)[1] == 109  # all of the prompt but its last token
+    cache.put(tokens((1000, 1120)), kv(120))  # 150 + 120 tokens > 250: the least recently used goes
+    assert len(cache) == 1 and cache.lookup(prompt) == (None, 0, None)
+    assert cache.lookup(tokens((1000, 1100)))[1] == 99
+    cache.put(tokens((2000, 2010)), kv(10))  # shorter than any useful match: not kept
+    assert len(cache) == 1 and cache.bytes == 8 * 120
+    assert (cache.hits, cache.misses, cache.reused_tokens) == (4, 2, 90 + 99 + 109 + 99)
+
+
+def test_an_evicted_entry_no_longer_hides_a_shorter_one():
+    def kv(n: int):
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]  # 8 bytes a token
+
+    cache = PrefixCache(max_bytes=8 * 260)
+    cache.put(torch.arange(0, 200), kv(200))
+    cache.put(torch.arange(0, 50), kv(50))  # shares the longer entry's first three blocks
+    cache.put(torch.arange(1000, 1100), kv(100))  # over the bound: the least recently used (200) goes
+    entry, n, _ = cache.lookup(torch.arange(0, 150))
+    assert n == 50 and entry.content.numel() == 50  # found through the blocks the two shared
+
+
+def test_entries_sharing_the_deepest_block_are_told_apart_by_their_exact_match():
+    def kv(n: int):
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
+
+    cache = PrefixCache(max_bytes=1 << 20)
+    cache.put(torch.arange(0, 200), kv(200))
+    cache.put(torch.cat([torch.arange(0, 40), torch.full((10,), 9)]), kv(50))  # two blocks in common
+    prompt = torch.cat([torch.arange(0, 45), torch.tensor([5])])  # two full blocks, then 14 more tokens
+    for _ in range(2):
+        entry, n, _ = cache.lookup(prompt)
+        assert n == 45 and entry.content.numel() == 200
 
 
 def test_content_ids_tell_images_apart():

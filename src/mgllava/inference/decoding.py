@@ -95,6 +95,7 @@ class Row:
     stream: TextStream
     sampler: Sampler | None  # None: greedy
     generated: list[int] = field(default_factory=list)
+    extends: str | None = None  # the prefix-cache entry whose K/V it started from
     length: int = 0  # tokens whose K/V are in the cache: the prompt and all generated tokens but the last
     reason: str | None = None  # why it finished: "stop", "length" or "cancelled"
 
@@ -171,7 +172,9 @@ class RunningBatch:
         goes to `failed` (when the shared forward fails, each of its rows is retried alone to find which)."""
         fresh, parts = [], []
         for row in rows:
-            entry, reused = self.engine.prefixes.lookup(row.content) if self.engine.prefixes else (None, 0)
+            entry, reused, row.extends = (
+                self.engine.prefixes.lookup(row.content) if self.engine.prefixes else (None, 0, None)
+            )
             if entry is None:
                 fresh.append(row)
             else:
@@ -328,7 +331,7 @@ class RunningBatch:
             for x in self.cache.layers
         ]
         content = torch.cat([row.content, torch.tensor(row.generated[:-1], dtype=torch.long)])
-        prefixes.put(content, kv)
+        prefixes.put(content, kv, extends=row.extends)
 
     def _result(self, row: Row) -> tuple[Any, ChatResult]:
         return row.request.owner, self.engine.answer(row.prepared, row.generated, row.stream, row.reason)

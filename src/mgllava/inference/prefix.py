@@ -7,16 +7,23 @@
 A conversation's later turn re-sends the whole conversation, so its prompt starts with the earlier prompt
 (image rows included) and, up to re-tokenization of the answer text, the earlier answer: the longest common
 prefix with a cached entry is reused and only the rest is prefilled. The match never covers the whole
-prompt (its last token is prefilled, to give the first new token's logits).
+prompt (its last token is prefilled, to give the first new token's logits), and shorter matches than
+`MIN_REUSE` tokens (a chat template's system prompt, shared by every request) are not reused: such rows are
+prefilled with the other new ones in one batched forward, which costs less than prefilling them one by one.
 
-Entries hold one (1, kv_heads, n, head_dim) key and value tensor per layer, on the model's device. They are
-bounded by bytes (LRU, as the feature cache). An entry that is a prefix of a newly stored one is dropped
-(every prompt it matches, the longer entry matches at least as far). Lookup scans the entries (they are
-few: the byte bound holds a handful of conversations per GiB at paper sizes) with one vector compare each.
+Finding the entry: every entry is indexed by the digests of its content's first 1, 2, ... blocks of `BLOCK`
+tokens (each digest chains the previous); a lookup walks the prompt's block digests to the deepest one
+shared with an entry and measures the exact common prefix of the entries indexed there (those sharing the
+most blocks; usually one), so its cost does not grow with the number of entries.
+Entries hold one (1, kv_heads, n, head_dim) key and value tensor per layer, on the model's device, and are
+bounded by bytes (LRU, as the feature cache). An entry that a newer one extended (the newer sequence reused
+its prefix) is dropped: what remains of it is an answer's tail that the next turn re-tokenized differently.
+Used by the thread that holds the engine's model lock.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +33,8 @@ import torch
 from .cache import LRUCache, digest
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, kv_heads, n, head_dim)
+BLOCK = 16  # tokens per indexed block
+MIN_REUSE = 2 * BLOCK  # shorter common prefixes are recomputed (batched with the other new rows)
 
 
 class Visual(Protocol):
@@ -59,6 +68,7 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 class PrefixEntry:
     content: torch.Tensor  # (n,) int64, CPU
     kv: KV
+    blocks: list[str]  # `_chain(content)`
 
     @property
     def bytes(self) -> int:
@@ -69,37 +79,65 @@ class PrefixCache:
     """`lookup` the longest cached prefix of a prompt; `put` a finished sequence's KV cache."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.entries: LRUCache[PrefixEntry] = LRUCache(max_bytes, size_of=lambda e: e.bytes)
+        self.entries: LRUCache[PrefixEntry] = LRUCache(
+            max_bytes, size_of=lambda e: e.bytes, on_evict=self._forget
+        )
+        self._index: dict[str, set[str]] = {}  # block-chain digest -> keys of the entries starting with it
         self.hits = 0
         self.misses = 0
         self.reused_tokens = 0  # prompt tokens whose K/V came from an entry
 
-    def lookup(self, prompt: torch.Tensor) -> tuple[PrefixEntry | None, int]:
-        """The entry sharing the longest prefix with `prompt` (at most all but its last token), and that
-        prefix's length; (None, 0) when none shares a token."""
-        best, best_key, length = None, None, 0
-        for key, entry in self.entries.items():
-            m = min(common_prefix(prompt, entry.content), prompt.numel() - 1)
+    def lookup(self, prompt: torch.Tensor) -> tuple[PrefixEntry | None, int, str | None]:
+        """The entry sharing the longest prefix with `prompt` (at most all but its last token), that prefix's
+        length and the entry's key; (None, 0, None) when none shares `MIN_REUSE` tokens."""
+        candidates: set[str] = set()
+        for block in _chain(prompt[: prompt.numel() - 1]):
+            keys = self._index.get(block)
+            if not keys:
+                break
+            candidates = keys
+        key, length = None, 0
+        for candidate in sorted(candidates):  # they share as many blocks; one may extend further
+            entry = self.entries.peek(candidate)
+            m = min(common_prefix(prompt, entry.content), prompt.numel() - 1) if entry is not None else 0
             if m > length:
-                best, best_key, length = entry, key, m
-        if best_key is None:
+                key, length = candidate, m
+        entry = self.entries.get(key) if key is not None else None  # marks it recently used
+        if entry is None or length < MIN_REUSE:
             self.misses += 1
-            return None, 0
-        self.entries.get(best_key)  # mark it recently used
+            return None, 0, None
         self.hits += 1
         self.reused_tokens += length
-        return best, length
+        return entry, length, key
 
-    def put(self, content: torch.Tensor, kv: KV) -> None:
-        """Keep `kv` (K/V for every token of `content`); drop entries that `content` extends."""
-        if content.numel() == 0:
+    def put(self, content: torch.Tensor, kv: KV, extends: str | None = None) -> None:
+        """Keep `kv` (K/V for every token of `content`); drop the entry `extends` whose prefix it reused."""
+        if extends is not None:
+            self.drop(extends)
+        if content.numel() < MIN_REUSE:
             return
-        for key, entry in self.entries.items():
-            if entry.content.numel() <= content.numel() and common_prefix(entry.content, content) == len(
-                entry.content
-            ):
-                self.entries.pop(key)
-        self.entries.put(digest(content), PrefixEntry(content, kv))
+        key = digest(content)
+        entry = PrefixEntry(content, kv, _chain(content))
+        for block in entry.blocks:  # before the put, which may refuse the entry (and forget it)
+            self._index.setdefault(block, set()).add(key)
+        self.entries.put(key, entry)
+
+    def drop(self, key: str) -> None:
+        entry = self.entries.pop(key)
+        if entry is not None:
+            self._forget(key, entry)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._index.clear()
+
+    def _forget(self, key: str, entry: PrefixEntry) -> None:
+        for block in entry.blocks:
+            keys = self._index.get(block)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._index[block]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -107,3 +145,15 @@ class PrefixCache:
     @property
     def bytes(self) -> int:
         return self.entries.bytes
+
+
+def _chain(content: torch.Tensor) -> list[str]:
+    """Digests of the first 1, 2, ... full blocks of `content`, each chaining the one before."""
+    h = hashlib.blake2b(digest_size=16)
+    data = content.numpy().tobytes()
+    step = BLOCK * content.element_size()
+    out = []
+    for start in range(0, len(data) - step + 1, step):
+        h.update(data[start : start + step])
+        out.append(h.copy().hexdigest())
+    return out
