@@ -18,7 +18,7 @@ export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow test-latest lock lint format bench clean
+.PHONY: install browser demo test test-slow test-latest lock lint format bench bench-components clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,8 +70,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench scripts
 	$(BIN)/ruff format src tests bench scripts
 
+# The model benches at real sizes (prefill, pooling, decode, scaling, memory; ~10-20 minutes on 2 cores),
+# every number from one run, written to bench/results.md. `bench/run.py --quick` is a smoke run (under a minute).
 bench: $(STAMP)
-	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+	$(BIN)/python bench/run.py
+
+# The component benches with small models of their own: box proposals, evaluation, serving, training.
+bench-components: $(STAMP)
+	for f in boxes eval serve train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache src/*.egg-info

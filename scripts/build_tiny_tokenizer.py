@@ -3,7 +3,7 @@
 Run once; the output is committed so that the `tiny` preset never touches the network. The corpus is
 English prose taken from the docstrings of Python's standard library plus the words our demo and chat
 templates use, so common words are single tokens. Special tokens cover all four chat templates of
-SPEC section 6, so every template can be exercised with the tiny model.
+docs/design.md section 6, so every template can be exercised with the tiny model.
 
     python scripts/build_tiny_tokenizer.py src/mgllava/assets/tiny_tokenizer
 """

@@ -1,7 +1,7 @@
 """Small benchmark files written in the exact published formats, for the loader and runner tests.
 
-Formats: VLMEvalKit TSV (MMBench with CircularEval copies whose image field points at the base row),
-SEED-Bench.json, ScienceQA problems.json, TextVQA 0.5.1 JSON + Rosetta OCR JSON + LLaVA's question
+Formats: VLMEvalKit TSV (MMBench with CircularEval copies whose image field points at the base row;
+SEEDBench_IMG, MMStar, ScienceQA_TEST and AI2D_TEST with their columns), SEED-Bench.json, ScienceQA problems.json, TextVQA 0.5.1 JSON + Rosetta OCR JSON + LLaVA's question
 JSONL, DocVQA val JSON and VLMEvalKit DocVQA TSV, VQAv2 questions/annotations JSON, Video-ChatGPT
 test_q/test_a JSON, and our short-answer JSONL.
 """
@@ -180,6 +180,63 @@ def write_mmbench(path: Path, with_answers=True, bad_rows=True) -> Path:
         if not with_answers:
             extra = [e.replace("\tA\tcount", "\tcount") for e in extra]
     return write_tsv(path, rows, columns, extra_lines=extra)
+
+
+# VLMEvalKit's columns of the other multiple-choice TSVs the reference evaluates (image last but one or last).
+MC_TSV_COLUMNS = {
+    "SEEDBench_IMG.tsv": ["index", "question", "A", "B", "C", "D", "answer", "category", "image"],
+    "MMStar.tsv": [
+        "index",
+        "question",
+        "answer",
+        "category",
+        "l2_category",
+        "bench",
+        "A",
+        "B",
+        "C",
+        "D",
+        "image",
+    ],
+    "ScienceQA_TEST.tsv": [
+        "index",
+        "question",
+        "hint",
+        "A",
+        "B",
+        "C",
+        "answer",
+        "category",
+        "image",
+        "split",
+    ],
+    "AI2D_TEST.tsv": ["index", "question", "A", "B", "C", "D", "answer", "category", "image"],
+}
+
+
+def write_mc_tsv(path: Path, indices=(0, 1, 2)) -> Path:
+    """A VLMEvalKit multiple-choice TSV named like the published one (`path.name` picks the columns):
+    one question per index, each with its own base64 image."""
+    rows = []
+    for n, index in enumerate(indices):
+        rows.append(
+            dict(
+                index=index,
+                question=f"Question {n}?",
+                hint="A hint." if n % 2 else "",
+                A="yes",
+                B="no",
+                C="maybe",
+                D="never",
+                answer="AB"[n % 2],
+                category="perception",
+                l2_category="coarse",
+                bench="seed",
+                image=b64(png_bytes((40 * n % 255, 90, 160), size=(36 + 4 * n, 28))),
+                split="test",
+            )
+        )
+    return write_tsv(path, rows, MC_TSV_COLUMNS[path.name])
 
 
 def write_seed(path: Path) -> Path:

@@ -8,7 +8,9 @@
 - Boxes: a CLIP tagger folder and an OWLv2 detector folder (model + processor + a character-level CLIP
   tokenizer built offline), exactly as `save_pretrained` writes the real ones.
 - Reference: the state dict of an XTuner-style `.pth` with `projector.model.*`, `bbox_projector.model.*`,
-  `fuse_module.*`, `llm.*` and a `module.` prefix as DeepSpeed saves it (tests wrap it in `state_dict`).
+  `fuse_module.*`, `llm.*` and a `module.` prefix as DeepSpeed saves it (tests wrap it in `state_dict`);
+  or, independent of our model code, a random one built from the reference's layer shapes
+  (`reference_checkpoint`) and saved in any of its wrapper forms (`save_reference_pth`).
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def write_open_clip_convnext(path: Path, safetensors: bool = False) -> Path:
     return path
 
 
-def llm_tokenizer() -> PreTrainedTokenizerFast:
-    """A Llama-like byte-level BPE (BOS <s>, EOS </s>, pad <pad>) without an <image> token."""
+def llm_tokenizer(chat_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A Llama-like byte-level BPE (BOS <s>, EOS </s>, pad <pad>) without an <image> token; `chat_tokens`
+    (a chat template's markers such as `<|user|>`) are added as special tokens, as real chat LLMs have them."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -119,18 +122,23 @@ def llm_tokenizer() -> PreTrainedTokenizerFast:
         ["USER: What is in the image? ASSISTANT: A red circle on a gray square."] * 50, trainer
     )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
+    if chat_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(chat_tokens)})
+    return tokenizer
 
 
-def write_llm_folder(folder: Path) -> Path:
-    tokenizer = llm_tokenizer()
+def write_llm_folder(
+    folder: Path, chat_tokens: tuple[str, ...] = (), hidden_size: int = 64, num_layers: int = 2
+) -> Path:
+    tokenizer = llm_tokenizer(chat_tokens)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
@@ -174,6 +182,58 @@ def reference_state(model) -> dict[str, torch.Tensor]:
                     value = value[:-1]
                 state["module." + theirs + key[len(ours) :]] = value.clone()
     return state
+
+
+def reference_checkpoint(
+    llm_folder: Path, low_dim: int, stage_dims: tuple[int, ...], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A random reference checkpoint under its own key names, built from its layer shapes with plain torch
+    (nothing from mgllava): Conv-Gate `fuse_module.*` with non-zero projections (so it is not the identity),
+    `projector.model.{0,2}` from `low_dim`, `bbox_projector.model.{0,2}` from the summed stage widths, and
+    `llm.*`: the LLM folder's weights perturbed (so that using the folder's instead would show)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    llm = LlamaForCausalLM.from_pretrained(llm_folder)
+    hidden, high = llm.config.hidden_size, stage_dims[-1]
+    fuse = nn.ModuleDict(
+        {
+            "slow_conv": nn.Conv2d(high, high, 1),
+            "slow_proj": nn.Conv2d(high, low_dim, 1),
+            "fast_conv": nn.Conv2d(low_dim, low_dim, 7, padding=3, groups=low_dim),
+            "fast_proj": nn.Conv2d(low_dim, low_dim, 1),
+            "gate": nn.Sequential(
+                nn.Linear(2 * low_dim, low_dim // 2), nn.GELU(), nn.Linear(low_dim // 2, 1)
+            ),
+        }
+    )
+    mlp = lambda d: nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))  # noqa: E731
+    parts = {
+        "fuse_module.": fuse,
+        "projector.model.": mlp(low_dim),
+        "bbox_projector.model.": mlp(sum(stage_dims)),
+    }
+    state = {p + k: v.detach().clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for key, value in llm.state_dict().items():
+            state["llm." + key] = value + 0.02 * torch.randn_like(value)
+    return state
+
+
+REFERENCE_FORMS = ("bare", "state_dict", "module_prefix", "module")
+
+
+def save_reference_pth(state: dict[str, torch.Tensor], path: Path, form: str) -> Path:
+    """`torch.save` the reference checkpoint the ways it is found: a bare state dict, `{"state_dict": ...}`,
+    keys with DDP/DeepSpeed's `module.` prefix, or DeepSpeed's `{"module": ...}`."""
+    wrapped = {
+        "bare": lambda: state,
+        "state_dict": lambda: {"state_dict": state},
+        "module_prefix": lambda: {"module." + k: v for k, v in state.items()},
+        "module": lambda: {"module": state},
+    }[form]()
+    torch.save(wrapped, path)
+    return path
 
 
 def clip_tokenizer(model_max_length: int = 32) -> CLIPTokenizer:

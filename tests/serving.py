@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import torch
 from PIL import Image, ImageDraw
@@ -67,3 +69,23 @@ class ShapesDetector:
 def ShapesProposer() -> BoxProposer:
     """The one proposer type over the stand-in detector (`proposer.detector.calls` counts detections)."""
     return BoxProposer(FixedTagger(["circle", "square"]), ShapesDetector())
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` but whose pixel data is a few bytes: opening it reads
+    the size; decoding it fails (so a size check that answers first has not decoded it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def bytes_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()

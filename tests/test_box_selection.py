@@ -1,4 +1,4 @@
-"""Box selection cases of SPEC section 5 not covered in test_image_processor.py: the reference's default
+"""Box selection cases of docs/design.md section 5 not covered in test_image_processor.py: the reference's default
 trigger (more than 100 boxes -> 20 per label, not a hard cap), the 5-per-label rule below 50, the NMS IoU
 threshold, and NMS running on original pixels before the boxes are rounded into the model's frame."""
 

@@ -131,6 +131,15 @@ def test_chat_proposes_boxes_with_a_detector(folder, box_models, capsys):
     assert "--tagger sample" in capsys.readouterr().err
 
 
+def test_chat_tags_with_clip_when_the_model_dtype_is_left_to_the_checkpoint(folder, box_models, capsys):
+    """chat's `--dtype` is unset (the checkpoint's own); the CLIP tagger and OWLv2 then run in float32."""
+    args = ["chat", "--model", str(folder / "tiny"), "--image", str(folder / "one.png"), "--max-tokens", "2",
+            "--detector", str(box_models["owlv2"]), "--tagger", "clip", "--tagger-model", str(box_models["clip"]),
+            "--tag-threshold", "0", "--prompt", "?", "--show-boxes"]  # fmt: skip
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("image 1 (96x64, boxes from proposer)")
+
+
 def test_chat_takes_boxes_as_json_or_from_a_box_file(folder, capsys, tmp_path):
     image = folder / "one.png"
     args = ["chat", "--model", str(folder / "tiny"), "--image", str(image), "--max-tokens", "2", "--show-boxes",

@@ -66,14 +66,24 @@ def test_mmbench_circular_scoring_by_hand(tmp_path):
         "count": {"score": 100.0, "n": 1},
     }
     assert result["categories"]["l2-category"]["reasoning"] == {"score": 100.0, "n": 1}
-    # the reference rule reads "Apple" as A; the robust rule does not
+    # main rows: q0 attribute/perception right, q1 attribute/perception wrong, q2 count/reasoning right:
+    # macro over category = (1/2 + 1/1) / 2 = 75%, the same over l2-category; micro 2/3
+    assert result["macro_accuracy"] == {"category": 75.0, "l2-category": 75.0}
+    # vanilla (VLMEvalKit vanilla_0): the unrotated rows 0, 1, 2, 6 are all right (1000001 is a rotation)
+    assert result["vanilla_accuracy"]["score"] == 100.0 and result["vanilla_accuracy"]["n"] == 4
+    # the reference rule reads "Apple" as A (right for question 2); VLMEvalKit finds no letter token, and
+    # "apple" (5 chars) is longer than twice its options "1" + "2", so nothing: wrong
     predictions["2"] = "Apple"
     assert score_multiple_choice(loaded, predictions, "reference")["score"] == pytest.approx(
         100 * 2 / 3, abs=1e-4
     )
-    assert score_multiple_choice(loaded, predictions, "robust")["score"] == pytest.approx(
+    assert score_multiple_choice(loaded, predictions, "vlmevalkit")["score"] == pytest.approx(
         100 * 1 / 3, abs=1e-4
     )
+    # "Apple" is the one answer without an option letter under VLMEvalKit's rule
+    assert score_multiple_choice(loaded, predictions, "vlmevalkit")["unparsed_predictions"] == 1
+    # vanilla: row 2 now wrong: 3 of 4
+    assert score_multiple_choice(loaded, predictions, "vlmevalkit")["vanilla_accuracy"]["score"] == 75.0
     # a question with a rotation not answered yet is not scored
     del predictions["2000000"]
     assert "0" in score_multiple_choice(loaded, predictions)["incomplete_questions"]
@@ -183,10 +193,17 @@ def test_vqav2_questions_annotations_and_scoring(tmp_path):
         == "<image>\nWhat color is the bus?\nAnswer the question using a single word or phrase."
     )
     assert val.samples[2].answers is None  # question 70 has no annotation
-    result = score_short_answer(val, {"420": "Red.", "421": "Four", "70": "yes"}, "vqav2", ("answer_type",))
-    # 421: "Four" -> "4"; human answers 4,4,four,6x7 (differ: punctuation only) -> two "4": (2*1/3 + 8*2/3)/10
-    assert result["per_sample"]["421"] == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    predictions = {"420": "Red.", "421": "Four", "70": "yes"}
+    result = score_short_answer(val, predictions, "vqa", ("answer_type",), "llava")
+    # 420: EvalAI("Red.") = "red" == ten unanimous "red" -> 1.0
+    # 421: EvalAI("Four") = "4"; answers 4,4,four,6x7 differ -> both steps -> three "4":
+    # leaving out a "4": 2 matches -> 2/3 (3 times); a "6": 3 -> 1 (7 times): (2 + 7) / 10 = 0.9
+    assert result["per_sample"]["421"] == pytest.approx(0.9)
     assert result["per_sample"]["420"] == 1.0 and result["no_ground_truth"] == ["70"]
+    assert result["rules"]["scoring"] == "llava"
+    # official: "Red." is compared untouched with the unanimous "red" -> 0.0; 421 as above -> 0.9
+    official = score_short_answer(val, predictions, "vqa", ("answer_type",))
+    assert official["per_sample"] == {"420": 0.0, "421": 0.9} and official["score"] == pytest.approx(45.0)
     assert result["categories"]["answer_type"]["number"]["n"] == 1
     testdev = load_vqav2(files["testdev"], "/coco")
     assert testdev.samples[0].image == "/coco/COCO_test2015_000000000042.jpg"
@@ -259,3 +276,58 @@ def test_vqav2_llava_question_file(tmp_path):
         "needs question_id, text and image",
         "question_id appears twice",
     ]
+
+
+def mmstar_rows():
+    """MMStar's TSV columns (category, l2_category); two coarse-perception questions and one math question."""
+    img = fmt.b64(fmt.png_bytes())
+    base = dict(hint="", C="c", D="d", image=img, source="", comment="", split="")
+    return [
+        dict(base, index=0, question="Scene?", A="a", B="b", answer="A", category="coarse perception",
+             l2_category="image scene and topic"),
+        dict(base, index=1, question="Style?", A="a", B="b", answer="B", category="coarse perception",
+             l2_category="image style & quality"),
+        dict(base, index=2, question="Angle?", A="a", B="b", answer="C", category="math", l2_category="geometry"),
+    ]  # fmt: skip
+
+
+MMSTAR_COLUMNS = ["index", "question", "A", "B", "C", "D", "answer", "category", "l2_category", "image"]
+
+
+def test_mmstar_rule_with_micro_and_macro(tmp_path):
+    loaded = load_tsv(fmt.write_tsv(tmp_path / "MMStar.tsv", mmstar_rows(), MMSTAR_COLUMNS))
+    assert loaded.samples[0].meta["l2_category"] == "image scene and topic"
+    # MMStar's rule: "a" -> A (right); "The answer is a" -> p[14] 'a' (wrong, B); "(c)" -> C (right)
+    predictions = {"0": "a", "1": "The answer is a", "2": "(c)"}
+    result = score_multiple_choice(loaded, predictions, "mmstar")
+    # micro 2/3; macro over category: coarse perception 1/2, math 1/1 -> (50 + 100) / 2 = 75
+    assert result["score"] == pytest.approx(100 * 2 / 3, abs=1e-4) and result["metric"] == "accuracy"
+    assert result["macro_accuracy"]["category"] == 75.0
+    # over l2_category: 100, 0, 100 -> 200 / 3 (lmms-eval's MMStar average is this macro)
+    assert result["macro_accuracy"]["l2_category"] == pytest.approx(100 * 2 / 3, abs=1e-4)
+    assert result["categories"]["category"] == {
+        "coarse perception": {"score": 50.0, "n": 2},
+        "math": {"score": 100.0, "n": 1},
+    }
+    assert "vanilla_accuracy" not in result  # no rotations
+
+
+def test_seed_and_scienceqa_official_versus_llava_rules(tmp_path):
+    seed = load_multiple_choice(fmt.write_seed(tmp_path / "SEED-Bench.json"))
+    # question 101, answer B, answered "B.": VLMEvalKit reads the token B; LLaVA wants the text to be "B"
+    assert score_multiple_choice(seed, {"101": "B."}, "vlmevalkit")["score"] == 100.0
+    assert score_multiple_choice(seed, {"101": "B."}, "llava-seed")["score"] == 0.0
+    assert score_multiple_choice(seed, {"101": "B"}, "llava-seed")["score"] == 100.0
+    sqa = load_scienceqa_json(fmt.write_scienceqa(tmp_path / "problems.json"))
+    # question 5, answer B: "The answer is B" is B for VLMEvalKit (last tokens); LLaVA's pattern needs a
+    # character after the letter, so it is unparsed (wrong) there
+    assert score_multiple_choice(sqa, {"5": "The answer is B"}, "vlmevalkit")["score"] == 100.0
+    assert score_multiple_choice(sqa, {"5": "The answer is B"}, "llava-sqa")["score"] == 0.0
+    assert score_multiple_choice(sqa, {"5": "The answer is B."}, "llava-sqa")["score"] == 100.0
+
+
+def test_answer_lengths_follow_the_reference():
+    from mgllava.eval.benchmarks import BENCHMARKS
+
+    # the reference model's evaluate_max_tokens default (fuse_model.py) is 100 for every benchmark
+    assert {b.max_new_tokens for b in BENCHMARKS.values()} == {100}

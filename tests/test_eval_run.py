@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -59,7 +60,8 @@ def read_lines(path):
 def test_mmbench_dev_through_main(model_dir, tmp_path, capsys):
     data = fmt.write_mmbench(tmp_path / "MMBench_DEV_EN.tsv")
     assert main(eval_argv(model_dir, "mmbench_dev", data, tmp_path / "out", "--batch-size", 3)) == 0
-    assert "mmbench_dev: circular_accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mmbench_dev: circular_accuracy" in out and "(scoring official; 3 scored;" in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["counts"] == {
         "samples": 8,
@@ -70,7 +72,8 @@ def test_mmbench_dev_through_main(model_dir, tmp_path, capsys):
         "scored": 3,
         "no_ground_truth": 0,
     }
-    assert results["rules"]["choice_extraction"] == "reference" and "circular" in results["rules"]
+    assert results["rules"]["choice_extraction"] == "vlmevalkit (by --scoring official)"
+    assert "circular" in results["rules"] and results["scoring"]["pipeline"] == "official"
     assert {i["id"] for i in results["invalid"]} >= {"1000006", "4", "5"}
     assert results["incomplete_questions"] == ["4", "5", "6"]
     lines = {r["key"]: r for r in read_lines(tmp_path / "out" / "predictions.jsonl")}
@@ -93,10 +96,16 @@ def oracle(wrong=()):
 
 def test_known_answers_give_the_hand_computed_score(tmp_path):
     data = fmt.write_mmbench(tmp_path / "mmb.tsv")
-    opts = EvalOptions("mmbench_dev", str(data), str(tmp_path / "out"), choice_rule="robust")
+    opts = EvalOptions("mmbench_dev", str(data), str(tmp_path / "out"), choice_rule="reference")
     results = run_eval(opts, generate=oracle(wrong={"1000001"}))
+    # questions 0 and 2 right in every rotation, question 1 wrong in one ("Z"): 2 of 3
     assert results["score"] == pytest.approx(100 * 2 / 3, abs=1e-4)
-    assert results["rules"]["choice_extraction"] == "robust"
+    assert results["rules"]["choice_extraction"] == "reference (by --choice-rule)"
+    assert results["unparsed_predictions"] == 1  # "Z" has no capital A-D
+    # under VLMEvalKit's rule a lone "Z" is its "none of the options": wrong, and counted the same way
+    opts = EvalOptions("mmbench_dev", str(data), str(tmp_path / "out"), score_only=True)
+    results = run_eval(opts)
+    assert results["score"] == pytest.approx(100 * 2 / 3, abs=1e-4) and results["unparsed_predictions"] == 1
     assert results["categories"]["category"]["attribute"] == {"score": 50.0, "n": 2}
 
 
@@ -208,16 +217,29 @@ def test_a_box_file_for_other_samples_is_refused_before_anything_is_written(mode
     boxes = tmp_path / "other.jsonl"
     boxes.write_text('{"id": "elsewhere", "boxes": [[1, 1, 5, 5]]}\n')
     out = tmp_path / "out"
+    # a file that matches no sample is refused whatever share of misses is allowed
+    for allowed in ("0", "1"):
+        argv = [
+            *eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes),
+            "--max-missing-boxes",
+            allowed,
+        ]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "matches none of the 4 samples" in err and "'q0'" in err and "'elsewhere'" in err
+        assert "keyed by the record's `id`" in err
+        assert not out.exists()
+    # one of four found: refused at the default share (0), listed in the results when allowed
+    boxes.write_text('{"id": "q2", "boxes": [[1, 1, 5, 5]], "scores": [0.9], "labels": ["a"]}\n')
     assert main(eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes)) == 2
     err = capsys.readouterr().err
-    assert "4 of 4 benchmark samples (100.0%) have no boxes" in err and "id 'q0'" in err
-    assert not out.exists()
-    assert (
-        main([*eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes), "--max-missing-boxes", "1"])
-        == 0
-    )
+    assert "3 of 4 benchmark samples (75.0%) have no boxes" in err and "id 'q0'" in err
+    assert "keyed by the record's `id`" in err and not out.exists()
+    argv = [*eval_argv(model_dir, "short_vqa", data, out, "--boxes", boxes), "--max-missing-boxes", "0.75"]
+    assert main(argv) == 0
     table = (out / "results.md").read_text()
-    assert "0 of 4 in" in table and "4 without boxes" in table and "## Samples without boxes (4" in table
+    assert "1 of 4 in" in table and "(1 by id)" in table and "3 without boxes" in table
+    assert "## Samples without boxes (3" in table and "id 'q3'" in table
 
 
 def test_mmbench_test_writes_the_submission_file(model_dir, tmp_path):
@@ -256,12 +278,14 @@ def test_vqav2_val_score_and_testdev_upload(model_dir, tmp_path):
         annotations=str(files["annotations"]),
     )
     results = run_eval(opts, generate=lambda batch: [answers[p.sample.key] for p in batch])
-    # 420: 1.0; 421: "four" -> "4", two of ten humans said "4": (2 * 1/3 + 8 * 2/3) / 10 = 0.6; 70: no annotation
-    assert results["score"] == pytest.approx(80.0) and results["no_ground_truth"] == ["70"]
+    # official (default): 420: "Red." is compared untouched with ten identical "red" -> 0.0;
+    # 421: answers 4,4,four,6x7 differ -> "four" -> "4", three "4": (3 * 2/3 + 7 * 1) / 10 = 0.9; 70: none
+    assert results["score"] == pytest.approx(45.0) and results["no_ground_truth"] == ["70"]
     assert results["categories"]["answer_type"] == {
-        "number": {"score": 60.0, "n": 1},
-        "other": {"score": 100.0, "n": 1},
+        "number": {"score": 90.0, "n": 1},
+        "other": {"score": 0.0, "n": 1},
     }
+    assert results["scoring"]["pipeline"] == "official"
 
     out = tmp_path / "testdev"
     argv = eval_argv(
@@ -273,6 +297,8 @@ def test_vqav2_val_score_and_testdev_upload(model_dir, tmp_path):
         images,
         "--submission-questions",
         files["test2015"],
+        "--scoring",
+        "llava",
     )
     assert main(argv) == 0
     upload = json.loads((out / "vqav2_upload.json").read_text())
@@ -281,7 +307,104 @@ def test_vqav2_val_score_and_testdev_upload(model_dir, tmp_path):
         {"question_id": int(k), "answer": evalai_normalize(v)} for k, v in predictions.items()
     ]
     assert upload[2] == {"question_id": 70, "answer": ""}
-    assert json.loads((out / "results.json").read_text())["submission_empty_answers"] == ["70"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["submission_empty_answers"] == ["70"] and "EvalAI" in results["rules"]["upload"]
+    # the same answers written for the official pipeline: as generated
+    assert main([*argv[:-2], "--scoring", "official", "--score-only"]) == 0
+    upload = json.loads((out / "vqav2_upload.json").read_text())
+    assert upload[:2] == [{"question_id": int(k), "answer": v} for k, v in predictions.items()]
+
+
+def write_vqa_pipeline_set(folder):
+    """Four VQAv2 questions whose scores differ by pipeline, with their annotations and images."""
+    folder.mkdir()
+    answers = {
+        1: ["dog"] * 10,  # unanimous
+        2: ["two"] * 4 + ["2"] * 2 + ["3"] * 4,
+        3: ["it's red"] * 10,  # unanimous
+        4: ["1000"] * 9 + ["100"],
+    }
+    questions = [dict(image_id=q, question=f"question {q}?", question_id=q) for q in answers]
+    base = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}}
+    (folder / "questions.json").write_text(
+        json.dumps({**base, "data_subtype": "val2014", "questions": questions})
+    )
+    annotations = [
+        dict(question_id=q, image_id=q, question_type="what", answer_type="other",
+             answers=[dict(answer=a, answer_confidence="yes", answer_id=i + 1) for i, a in enumerate(ans)])
+        for q, ans in answers.items()
+    ]  # fmt: skip
+    (folder / "annotations.json").write_text(json.dumps({**base, "annotations": annotations}))
+    for q in answers:
+        Image.new("RGB", (16, 16), (q * 40, 0, 0)).save(folder / f"COCO_val2014_{q:012d}.jpg")
+    return folder / "questions.json", folder / "annotations.json"
+
+
+def test_scoring_pipelines_reach_the_scorer(tmp_path, capsys):
+    """`--scoring` through `run_eval` and `mgllava eval` (main(argv)): the same four answers score 50, 75 and
+    100 under official, llava and lmms-eval, each number worked out by hand from the scripts' rules."""
+    questions, annotations = write_vqa_pipeline_set(tmp_path / "vqa")
+    answers = {"1": "The dog.", "2": "2", "3": "it's red", "4": "1,,000"}
+    # per question: official / llava / lmms-eval
+    # 1 ten "dog": official compares "The dog." untouched -> 0; llava: EvalAI -> "dog" -> 1; lmms-eval: -> "dog" -> 1
+    # 2 differ: "2" vs six "2" after both steps (leave-one-out 5 or 6 matches) -> 1 / 1 / 1
+    # 3 ten "it's red": official "it's red" == -> 1; llava: EvalAI -> "it 's red" != -> 0; lmms-eval: both
+    #   normalised the same -> 1
+    # 4 nine "1000" + "100" differ: official "1,,000" (no digit,digit comma) -> "1 000" -> 0; llava: EvalAI
+    #   drops ',' -> "1000" -> 1; lmms-eval: its comma test matches -> "1000" -> 1
+    expected = {"official": 50.0, "llava": 75.0, "lmms-eval": 100.0}
+    out = tmp_path / "out"
+    opts = EvalOptions(
+        "vqav2_val", str(questions), str(out), images=str(tmp_path / "vqa"), annotations=str(annotations)
+    )
+    results = run_eval(opts, generate=lambda batch: [answers[p.sample.key] for p in batch])
+    assert results["score"] == expected["official"]
+    for scoring in ("llava", "lmms-eval"):
+        argv = ["eval", "--benchmark", "vqav2_val", "--data", str(questions), "--annotations", str(annotations),
+                "--images", str(tmp_path / "vqa"), "--out", str(out), "--score-only", "--scoring", scoring]  # fmt: skip
+        assert main(argv) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["score"] == expected[scoring] and results["scoring"]["pipeline"] == scoring
+        assert results["rules"]["scoring"] == scoring
+        assert f"scoring pipeline | `{scoring}`" in (out / "results.md").read_text()
+        assert f"(scoring {scoring}; 4 scored;" in capsys.readouterr().out
+
+
+def test_scoring_settings_are_refused_before_generating(tmp_path, capsys):
+    data = fmt.write_mmbench(tmp_path / "mmb.tsv")
+
+    def never(batch):
+        raise AssertionError("nothing may be generated")
+
+    opts = EvalOptions("ai2d", str(data), str(tmp_path / "o"), scoring="lmms-eval")
+    with pytest.raises(ValueError, match="lmms-eval's per-task multiple-choice extraction"):
+        run_eval(opts, generate=never)
+    opts = EvalOptions("ai2d", str(data), str(tmp_path / "o"), scoring="llava")
+    with pytest.raises(ValueError, match="LLaVA publishes no scoring script"):
+        run_eval(opts, generate=never)
+    opts = EvalOptions("short_vqa", str(data), str(tmp_path / "o"), choice_rule="reference")
+    with pytest.raises(ValueError, match="--choice-rule applies to multiple-choice"):
+        run_eval(opts, generate=never)
+    argv = [
+        "eval",
+        "--benchmark",
+        "ai2d",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+        "--scoring",
+        "x",
+    ]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "invalid choice: 'x'" in capsys.readouterr().err
+    # an explicit letter rule makes any pipeline usable for multiple choice
+    opts = EvalOptions("ai2d", str(data), str(tmp_path / "ok"), scoring="lmms-eval", choice_rule="vlmevalkit")
+    results = run_eval(opts, generate=oracle())
+    assert (
+        results["score"] == 100.0 and results["rules"]["choice_extraction"] == "vlmevalkit (by --choice-rule)"
+    )
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
@@ -355,26 +478,42 @@ def test_video_qa_with_rule_and_gpt_judges(model_dir, tmp_path, judge_server, mo
     assert main(argv) == 2
     assert "MGLLAVA_JUDGE_API_KEY" in capsys.readouterr().err
     monkeypatch.setenv("MGLLAVA_JUDGE_API_KEY", "test-key")
-    assert main(argv) == 0
+    # one pass only: the first reply about v1 (the bowl) is prose, which the official scripts cannot read
+    assert main([*argv, "--judge-rounds", "1"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [f["id"] for f in results["failed"]] == ["v2"] and "missing_clip" in results["failed"][0]["reason"]
-    assert results["no_ground_truth"] == ["v3"]
+    assert results["no_ground_truth"] == ["v3"] and results["rules"]["max_new_tokens"] == 6
     gpt = results["judges"]["gpt_judge:gpt-3.5-turbo"]
-    assert gpt["judged"] == 1 and gpt["accuracy"] == 100.0 and [f["id"] for f in gpt["failed"]] == ["v1"]
+    # official counting: v1 is not dropped from the denominator; without its verdict there is no score
+    assert gpt["accuracy"] is None and gpt["average_score"] is None and gpt["missing"] == 1
+    assert [f["id"] for f in gpt["failed"]] == ["v1"] and "cannot be read" in gpt["failed"][0]["reason"]
+    assert results["score"] is None and results["metric"] == "gpt_judge:gpt-3.5-turbo_accuracy"
+    assert "no score: 1 questions without a readable verdict" in (tmp_path / "out" / "results.md").read_text()
     assert "rule_contains_v1" in results["judges"] and results["judges"]["rule_contains_v1"]["judged"] == 2
     first = FakeOpenAI.seen[0]
     assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer test-key"
     assert (
         first["body"]["model"] == "gpt-3.5-turbo" and first["body"]["messages"][0]["content"] == SYSTEM_PROMPT
     )
-    # scoring again re-asks the judge only about the failed verdict
+    # scoring again asks the judge about v1 only (the scripts' loop); v0 yes 5, v1 no 1: 1/2 and 6/2
     assert main([*argv, "--score-only"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     gpt = results["judges"]["gpt_judge:gpt-3.5-turbo"]
-    assert (
-        gpt["judged"] == 2 and gpt["accuracy"] == 50.0 and gpt["average_score"] == 3.0 and not gpt["failed"]
-    )
-    assert results["metric"] == "gpt_judge:gpt-3.5-turbo_accuracy" and len(FakeOpenAI.seen) == 3
+    assert gpt["judged"] == 2 and gpt["accuracy"] == 50.0 and gpt["average_score"] == 3.0
+    assert not gpt["failed"] and results["score"] == 50.0 and len(FakeOpenAI.seen) == 3
+
+    # lmms-eval counting on the same answers, judged afresh: the prose reply about v1 is not asked again but
+    # counted as "no" with score 0: v0 yes 5, v1 no 0 -> accuracy 1/2, mean score 5/2
+    lmms = tmp_path / "lmms"
+    shutil.copytree(tmp_path / "out", lmms, ignore=shutil.ignore_patterns("judge-*"))
+    FakeOpenAI.seen.clear()
+    argv = [*argv[: argv.index("--out") + 1], str(lmms), *argv[argv.index("--out") + 2 :]]
+    assert main([*argv, "--score-only", "--scoring", "lmms-eval"]) == 0
+    results = json.loads((lmms / "results.json").read_text())
+    gpt = results["judges"]["gpt_judge:gpt-3.5-turbo"]
+    assert gpt["accuracy"] == 50.0 and gpt["average_score"] == 2.5 and gpt["counted_as_no"] == 1
+    assert [f["id"] for f in gpt["failed"]] == ["v1"] and "counted as 'no'" in gpt["failed"][0]["reason"]
+    assert len(FakeOpenAI.seen) == 2 and results["scoring"]["pipeline"] == "lmms-eval"
 
 
 def test_easy_vqa_is_converted_and_scored(model_dir, tmp_path):

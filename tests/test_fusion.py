@@ -1,4 +1,4 @@
-"""Conv-Gate fusion (SPEC section 4)."""
+"""Conv-Gate fusion (docs/design.md section 4)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Image processor: pixels equal the reference pipeline; boxes follow SPEC sections 2 and 5; bad images fail clearly."""
+"""Image processor: pixels equal the reference pipeline; boxes follow docs/design.md sections 2 and 5; bad images fail clearly."""
 
 import io
 

@@ -20,6 +20,7 @@ ALLOWED = {
     "train": {"convert", "data", "model", "boxes", "media", "utils", "config"},
     "eval": {"inference", "convert", "data", "model", "boxes", "media", "utils", "config"},
     "serve": {"inference", "data", "boxes", "media", "utils", "config"},
+    "harness": {"inference", "eval", "boxes", "data", "model", "media", "utils", "config"},
 }
 
 

@@ -255,3 +255,18 @@ def test_config_refuses_mismatched_grids_and_unknown_variants():
         MGLlavaConfig.from_preset("tiny", fusion="sideways")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         MGLlavaConfig.from_preset("nope")
+
+
+def test_model_built_on_meta_and_materialised_initialises_every_tensor():
+    config = MGLlavaConfig.from_preset("tiny")
+    with torch.device("meta"):
+        model = MGLlavaForConditionalGeneration(config)
+    model.to_empty(device="cpu")
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data.fill_(float("nan") if t.is_floating_point() else -7)  # what uninitialised memory may hold
+    model.init_weights()
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if (t.isnan() if t.is_floating_point() else t == -7).any()]  # fmt: skip
+    assert left == []
+    scale = model.high_res_tower.encoder.stages[0].layers[0].layer_scale_parameter
+    assert torch.equal(scale, torch.full_like(scale, config.high_res_config.layer_scale_init_value))

@@ -86,3 +86,22 @@ def test_gradients_flow_to_the_maps():
     maps = [m.requires_grad_() for m in stages()]
     pool_object_features(maps, EDGE_BOXES[:3], 128).sum().backward()
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
+
+
+def test_banded_pooling_on_channels_last_bf16_maps_and_boxes_in_a_few_bands():
+    # 192-row stage 0 at a 768 px input: 16 bands of 12 rows; small boxes touch one or two bands, some none
+    cl = [torch.randn(1, c, s, s).contiguous(memory_format=torch.channels_last)[0]
+          for c, s in ((8, 192), (16, 96), (24, 48), (32, 24))]  # fmt: skip
+    boxes = torch.tensor([[300.0, 300.0, 340.0, 330.0], [0.0, 700.0, 30.0, 768.0], [10.0, 5.0, 700.0, 20.0],
+                          [800.0, 800.0, 900.0, 900.0]])  # fmt: skip
+    torch.testing.assert_close(
+        pool_object_features(cl, boxes, 768), reference(cl, boxes, 768), atol=1e-5, rtol=1e-5
+    )
+    half = [m.bfloat16() for m in cl]
+    expected = reference([m.float() for m in half], boxes, 768)
+    torch.testing.assert_close(pool_object_features(half, boxes, 768), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_boxes_that_touch_no_row_give_zeros():
+    out = pool_object_features(stages(), torch.tensor([[200.0, 200.0, 260.0, 300.0]] * 3), 128)
+    assert out.shape == (3, 72) and not out.any()

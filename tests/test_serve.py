@@ -1,20 +1,37 @@
-"""The server over real HTTP on 127.0.0.1, with the `openai` client and httpx."""
+"""The server over real HTTP on 127.0.0.1, with the `openai` client and httpx: answers, errors, limits."""
 
 import concurrent.futures
 import http.server
+import io
+import re
 import threading
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
-from mgllava.inference import GenerationSettings
+from mgllava.cli import build_parser, server_settings
+from mgllava.inference import Engine, GenerationSettings
 from mgllava.serve import ServerSettings, create_app
 from mgllava.serve.background import serve_in_thread
+from mgllava.serve.limits import decoded_pixels, image_header, json_items
 
-from .serving import ShapesProposer, ask, data_url, png_bytes, scene, tiny_engine
+from .serving import (
+    ShapesProposer,
+    ask,
+    bytes_url,
+    data_url,
+    png_bytes,
+    png_claiming,
+    scene,
+    tiny_engine,
+    tiny_parts,
+)
 
-LIMITS = dict(model_name="tiny", max_tokens=64, max_body_bytes=400_000)
+LIMITS = dict(model_name="tiny", max_tokens=64, max_body_bytes=400_000, max_images=2, max_boxes_per_image=5,
+              max_boxes_per_request=8, max_box_pairs=30, max_request_pixels=100_000)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +75,17 @@ def test_answers_equal_the_engines_streamed_or_not(client, engine):
     assert chunks[0].model_extra["mgllava"]["images"][0]["tags"] == ["circle", "square"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_top_p_zero_keeps_the_most_likely_token_alone(client, engine):
+    """OpenAI's top_p range includes 0: the nucleus is the top token, so sampling at any temperature is greedy."""
+    messages = ask("What shape is in the image?", data_url(scene(2)))
+    expected = engine.chat(messages, settings=GenerationSettings(max_new_tokens=8))
+    for seed in (1, 2):
+        reply = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=1.5, top_p=0, seed=seed
+        )
+        assert reply.choices[0].message.content == expected.text
 
 
 def test_user_boxes_through_the_extension_field(client):
@@ -111,6 +139,149 @@ def test_bad_requests_get_openai_errors_with_fitting_status(base, body, status, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+
+
+def boxes(n: int) -> list[list[float]]:
+    return [[2.0 * k, 1.0, 2.0 * k + 1, 2.0] for k in range(n)]
+
+
+def tga_url() -> str:
+    buf = io.BytesIO()
+    scene(1).save(buf, "TGA")
+    return bytes_url(buf.getvalue(), "image/x-tga")
+
+
+def two(text: str, first: str, second: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in (first, second)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def names_a_serve_flag(message: str) -> bool:
+    """The message names a flag that `mgllava serve` accepts (so the operator can act on it)."""
+    flags = re.findall(r"\((--[a-z-]+)\)", message)
+    for flag in flags:
+        build_parser().parse_args(["serve", "--model", "m", flag, "1"])  # SystemExit if it does not exist
+    return bool(flags)
+
+
+SCENE = data_url(scene(1))  # 96 x 64: 6144 pixels + a 96^2 canvas = 15360 decoded pixels
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (dict(messages=[*two("A", SCENE, SCENE), *ask("B", SCENE)]), 400, "too_many_images"),
+        (dict(messages=ask("What?", SCENE), mgllava={"boxes": [boxes(6)]}), 400, "too_many_boxes"),
+        (dict(messages=two("What?", SCENE, SCENE), mgllava={"boxes": [boxes(5), boxes(4)]}), 400, "too_many_boxes"),
+        (dict(messages=two("What?", SCENE, SCENE), mgllava={"boxes": [boxes(5), boxes(3)]}), 400,
+         "box_budget_exceeded"),
+        (dict(messages=ask("What?", bytes_url(png_claiming(1000, 1000)))), 413, "image_too_large"),
+        (dict(messages=ask("What?", bytes_url(png_claiming(50_000, 50_000)))), 413, "image_too_large"),
+        (dict(messages=two("What?", SCENE, bytes_url(png_claiming(300, 300)))), 413, "too_many_pixels"),
+        (dict(messages=ask("What?", data_url(Image.new("RGB", (4000, 1))))), 413, "too_many_pixels"),
+        (dict(messages=ask("What?", data_url(Image.fromarray(np.full((190, 190), 9, dtype=np.uint16))))), 413,
+         "too_many_pixels"),  # 36100 pixels, but 16-bit ones count 3x
+        (dict(messages=ask("What?"), junk=[[]] * 70_000), 413, "request_too_large"),
+        (dict(messages=ask("What?"), max_tokens=65), 400, "max_tokens_too_large"),
+    ],
+)  # fmt: skip
+def test_each_limit_refuses_naming_itself_and_its_flag(base, body, status, code):
+    response = post(base, **body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and names_a_serve_flag(error["message"]), error
+
+
+def test_pixel_limits_read_headers_and_count_canvases():
+    claimed = png_claiming(9000, 7000)
+    assert image_header(claimed, "x") == (9000, 7000, "RGB")  # its pixel data could not be decoded
+    grey16 = io.BytesIO()
+    Image.fromarray(np.full((30, 20), 40_000, dtype=np.uint16)).save(grey16, "PNG")
+    assert image_header(grey16.getvalue(), "x").mode.startswith("I")
+    assert decoded_pixels(20, 20, "I;16") == 3 * 400 and decoded_pixels(20, 20, "RGBA") == 400
+    assert decoded_pixels(96, 64) == 96 * 64 + 96 * 96 and decoded_pixels(50, 50) == 2500
+    assert decoded_pixels(65536, 1) == 65536 + 65536**2  # a thin strip pads onto a huge square
+    assert json_items(b'{"a": [1, 2], "b": "x,[{"}') == 7  # commas and brackets in strings count too
+
+
+def test_limits_leave_valid_requests_alone(base, engine):
+    """At the limits exactly (5 boxes, 8 in all, 5^2 + 2^2 + ... within 30 pairs, 2 images) requests pass."""
+    reply = post(
+        base, messages=two("What?", SCENE, data_url(scene(2))), mgllava={"boxes": [boxes(5), boxes(2)]}
+    )
+    assert reply.status_code == 200, reply.text
+    expected = engine.chat(two("What?", SCENE, data_url(scene(2))), boxes=[boxes(5), boxes(2)],
+                           settings=GenerationSettings(max_new_tokens=4))  # fmt: skip
+    assert reply.json()["choices"][0]["message"]["content"] == expected.text
+    assert [len(i["boxes"]) for i in reply.json()["mgllava"]["images"]] == [5, 2]
+
+
+def test_unserved_formats_and_garbage_are_400(base):
+    for url in (tga_url(), "data:image/png;base64,aGVsbG8=", "data:image/png,notbase64"):
+        response = post(base, messages=ask("What?", url))
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image", url
+
+
+class GatedEngine(Engine):
+    """The real engine, counting how many requests are inside `prepare` at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inside, self.most = 0, 0
+        self._count = threading.Lock()
+
+    def prepare(self, *args, **kwargs):
+        with self._count:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            threading.Event().wait(0.05)  # long enough for the burst's other requests to arrive
+            return super().prepare(*args, **kwargs)
+        finally:
+            with self._count:
+                self.inside -= 1
+
+
+def test_at_most_max_preparing_requests_decode_at_once():
+    engine = GatedEngine(*tiny_parts())
+    app = create_app(engine, ServerSettings(model_name="tiny", max_preparing=2))
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda k: post(url, messages=ask(f"Q{k}?", data_url(scene(k)))), range(8)))
+        assert [r.status_code for r in replies] == [200] * 8
+        assert engine.most == 2
+        assert httpx.get(f"{url}/health").json()["preparing"] == 0
+
+
+def test_serve_flags_become_settings():
+    args = build_parser().parse_args(["serve", "--model", "/models/mg-7b"])
+    assert server_settings(args) == ServerSettings(
+        model_name="mg-7b"
+    )  # the flags' defaults are the settings'
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--max-images", "3", "--max-boxes-per-image", "10", "--max-boxes-per-request", "20",
+         "--max-box-pairs", "99", "--max-request-pixels", "1000", "--max-json-items", "500", "--max-preparing", "1",
+         "--allow-image-urls", "--image-url-allow", "10.0.0.0/8", "--image-url-allow", "images.internal",
+         "--image-url-timeout-s", "2.5", "--image-url-max-mb", "0.5"]
+    )  # fmt: skip
+    settings = server_settings(args)
+    assert (settings.max_images, settings.max_boxes_per_image, settings.max_boxes_per_request,
+            settings.max_box_pairs, settings.max_request_pixels, settings.max_json_items, settings.max_preparing) == (
+        3, 10, 20, 99, 1000, 500, 1)  # fmt: skip
+    assert settings.image_url_allow == ("10.0.0.0/8", "images.internal") and settings.allow_image_urls
+    assert (settings.image_url_timeout_s, settings.image_url_max_bytes) == (2.5, 1 << 19)
+    with pytest.raises(ValueError, match="without --allow-image-urls"):
+        server_settings(build_parser().parse_args(["serve", "--model", "m", "--image-url-allow", "10.0.0.1"]))
+    with pytest.raises(ValueError, match="--max-box-pairs"):
+        server_settings(build_parser().parse_args(["serve", "--model", "m", "--max-box-pairs", "0"]))
+    with pytest.raises(ValueError, match="neither a hostname nor an IP network"):
+        server_settings(build_parser().parse_args(["serve", "--model", "m", "--allow-image-urls",
+                                                   "--image-url-allow", "10.0.0.0/99"]))  # fmt: skip
+
+
+def test_default_image_limit_is_what_the_context_holds(engine):
+    server = create_app(engine, ServerSettings(model_name="tiny")).state.server
+    assert server.limits.max_images == engine.context_length // (engine.processor.num_image_tokens + 1)
+    assert server.limits.max_json_items == 65536 + 8 * 1024
 
 
 def test_bad_requests_through_the_openai_client(client):
@@ -174,6 +345,7 @@ def test_fifty_concurrent_requests_are_answered_or_refused_and_none_lost(engine)
             "status": "ok",
             "model": "tiny",
             "in_flight": 0,
+            "preparing": 0,
             "queued": 0,
             "running": 0,
         }
@@ -215,7 +387,8 @@ def test_image_urls_are_fetched_only_when_the_operator_allows(engine, base):
     url = f"http://127.0.0.1:{images.server_address[1]}/cat.png"
     try:
         assert post(base, messages=ask("What?", url)).json()["error"]["code"] == "image_url_not_allowed"
-        open_app = create_app(engine, ServerSettings(model_name="tiny", allow_image_urls=True))
+        loopback = ServerSettings(model_name="tiny", allow_image_urls=True, image_url_allow=("127.0.0.1",))
+        open_app = create_app(engine, loopback)  # loopback is refused unless allow-listed (test_serve_fetch)
         with serve_in_thread(open_app) as open_base:
             reply = post(open_base, messages=ask("What?", url))
             assert reply.status_code == 200, reply.text
@@ -248,3 +421,19 @@ def test_a_full_queue_answers_503_and_frees_the_slot(engine):
         assert int(refused.headers["Retry-After"]) >= 1
         assert first.result().status_code == 200 and second.result().status_code == 200
         assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
+def test_a_full_server_answers_429_before_reading_the_body(engine):
+    """Admission comes before the body is read: a refused body is never parsed (this one is not even JSON),
+    and the client, still sending 8 MB, gets its 429 rather than a reset connection."""
+    app = create_app(engine, ServerSettings(model_name="tiny", max_in_flight=1, max_batch_size=1))
+    unparsable = b'{"model": "tiny", "messages": [' + b" " * (8 << 20)
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with engine._model_lock:  # the first request holds the only slot inside generate
+            first = pool.submit(post, url, messages=ask("One?"))
+            while app.state.server.batcher.running < 1:
+                threading.Event().wait(0.01)
+            refused = httpx.post(f"{url}/v1/chat/completions", content=unparsable, timeout=60)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "--max-in-flight" in refused.json()["error"]["message"]
+        assert first.result().status_code == 200

@@ -26,8 +26,8 @@ EXPECTED = {
         [*A1, "</s>", *A2, "</s>"],
     ),
     "phi3_chat": (
-        ["<s>", "<|user|>", "Ċ", "IMG", *Q1, "<|end|>", "Ċ", "<|assistant|>", "Ċ", *A1, "<|end|>", "Ċ"]
-        + ["<|user|>", "Ċ", "C", "ol", "or", "?", "<|end|>", "Ċ", "<|assistant|>", "Ċ", *A2, "<|end|>", "Ċ"],
+        ["<s>", "<|user|>", "IMG", *Q1, "<|end|>", "Ċ", "<|assistant|>", "Ċ", *A1, "<|end|>", "Ċ"]
+        + ["<|user|>", "C", "ol", "or", "?", "<|end|>", "Ċ", "<|assistant|>", "Ċ", *A2, "<|end|>", "Ċ"],
         [*A1, "<|end|>", *A2, "<|end|>"],
     ),
     "llama3_chat": (

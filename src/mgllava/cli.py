@@ -48,6 +48,7 @@ def _assemble(args: argparse.Namespace) -> int:
         high_res_image_size=args.high_res_size,
         dtype=resolve_dtype(args.dtype),
         trust_pickle=args.trust_pickle,
+        context_length=args.context_length,
     )
     folder = write_folder(model, processor, args.out)
     print(f"wrote {folder} ({sum(p.numel() for p in model.parameters()):,} parameters)")
@@ -78,12 +79,11 @@ def _chat(args: argparse.Namespace) -> int:
     return repl(session, sys.stdin, sys.stdout, args.show_boxes)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def server_settings(args: argparse.Namespace):
+    """`mgllava serve`'s flags as `ServerSettings` (each flag is the field's name with dashes)."""
+    from .serve import ServerSettings
 
-    from .serve import ServerSettings, create_app
-
-    settings = ServerSettings(
+    return ServerSettings(
         model_name=args.model_name or Path(args.model).resolve().name,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_tokens=args.max_tokens,
@@ -92,8 +92,26 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
         max_queue=args.max_queue,
+        max_images=args.max_images,
+        max_boxes_per_image=args.max_boxes_per_image,
+        max_boxes_per_request=args.max_boxes_per_request,
+        max_box_pairs=args.max_box_pairs,
+        max_request_pixels=args.max_request_pixels,
+        max_json_items=args.max_json_items,
+        max_preparing=args.max_preparing,
         allow_image_urls=args.allow_image_urls,
+        image_url_allow=tuple(args.image_url_allow),
+        image_url_timeout_s=args.image_url_timeout_s,
+        image_url_max_bytes=int(args.image_url_max_mb * (1 << 20)),
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .serve import create_app
+
+    settings = server_settings(args)  # checked before the model loads
     engine = _engine(args, max_image_pixels=args.max_image_pixels)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
     return 0
@@ -136,12 +154,54 @@ def _add_serve(sub) -> None:
     serve.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch")
     serve.add_argument("--max-queue", type=int, default=64, help="queued requests beyond this get 503")
     serve.add_argument("--max-body-mb", type=float, default=32.0)
-    serve.add_argument("--max-image-pixels", type=int, default=64 << 20)
-    serve.add_argument(
+    limits = serve.add_argument_group(
+        "per-request limits (docs/server.md gives the reasons for the defaults)"
+    )
+    limits.add_argument("--max-image-pixels", type=int, default=64 << 20, help="width x height of one image")
+    limits.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=1 << 27,
+        help="decoded pixels of all a request's images, each non-square image's max(w, h)^2 canvas included",
+    )
+    limits.add_argument(
+        "--max-images",
+        type=int,
+        help="default: as many as the context holds (7 at 4096 tokens, 576 rows each)",
+    )
+    limits.add_argument(
+        "--max-boxes-per-image", type=int, default=300, help="boxes a request gives one image"
+    )
+    limits.add_argument("--max-boxes-per-request", type=int, default=1024)
+    limits.add_argument(
+        "--max-box-pairs",
+        type=int,
+        default=1_000_000,
+        help="box-selection budget: sum over images of boxes^2 (what NMS compares at worst)",
+    )
+    limits.add_argument(
+        "--max-json-items",
+        type=int,
+        help="',' '[' '{' in a body (default 65536 + 8 x --max-boxes-per-request)",
+    )
+    limits.add_argument(
+        "--max-preparing", type=int, default=2, help="requests decoding their images at once; others wait"
+    )
+    urls = serve.add_argument_group("image URLs")
+    urls.add_argument(
         "--allow-image-urls",
         action="store_true",
-        help="fetch http(s) image URLs (off: clients could make the server reach internal hosts)",
+        help="fetch http(s) image URLs, from public addresses only (off: data URLs only)",
     )
+    urls.add_argument(
+        "--image-url-allow",
+        action="append",
+        default=[],
+        metavar="HOST_OR_NETWORK",
+        help="also fetch from this hostname or IP network (e.g. 10.1.2.0/24) although it is not public; repeatable",
+    )
+    urls.add_argument("--image-url-timeout-s", type=float, default=10.0, help="per URL, redirects included")
+    urls.add_argument("--image-url-max-mb", type=float, default=16.0)
     serve.set_defaults(func=_serve)
 
 
@@ -172,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     asm.add_argument("--high-res-size", type=int, default=768)
     asm.add_argument("--dtype", default="bfloat16", choices=sorted(set(DTYPES) - {"auto"}))
     asm.add_argument("--trust-pickle", action="store_true", help="allow arbitrary classes in pickled files")
+    asm.add_argument(
+        "--context-length",
+        type=int,
+        help="longest prompt + answer in tokens (default: the LLM's max_position_embeddings); a video model "
+        "needs more, 8 frames being >= 4,616 visual rows (preset mgllava-vicuna-7b-video: 8192, RoPE unscaled)",
+    )
     asm.add_argument("--out", required=True)
     asm.set_defaults(func=_assemble)
     _add_chat(sub)

@@ -1,5 +1,5 @@
 """Object boxes: the `Boxes` type, selection (NMS and capping), the square-frame transform, taggers, the
-OWLv2 detector, box files, the one box look-up rule (`lookup`) and the online proposer (SPEC sections 5
+OWLv2 detector, box files, the one box look-up rule (`lookup`) and the online proposer (docs/design.md sections 5
 and 7)."""
 
 from .detector import Owlv2Detector

@@ -17,6 +17,7 @@ import torch
 
 from ..media.images import DEFAULT_MAX_PIXELS
 from ..utils import dist
+from ..utils.dtypes import resolve_dtype
 from ..utils.io import atomic_write_json, atomic_write_text
 
 TAGGERS = ("clip", "fixed", "sample", "ram++")
@@ -116,11 +117,18 @@ def _tagger(args: argparse.Namespace, device: str):
     return ClipTagger.from_pretrained(
         args.tagger_model,
         vocabulary=args.vocabulary or "lvis",
-        dtype=getattr(torch, args.dtype),
+        dtype=_tower_dtype(args),
         device=device,
         threshold=args.tag_threshold,
         top_k=args.tag_top_k,
     )
+
+
+def _tower_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The tagger's and detector's dtype: `--dtype` when it names one (`mgllava boxes`), else float32 (chat
+    and serve share `--dtype`, which may be unset or `auto` there, meaning the MG-LLaVA checkpoint's own)."""
+    dtype = resolve_dtype(getattr(args, "dtype", None))
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _boxes(args: argparse.Namespace) -> int:
@@ -147,7 +155,7 @@ def _boxes(args: argparse.Namespace) -> int:
         print(f"mgllava boxes: error: {err}", file=sys.stderr)
         return 2
     detector = Owlv2Detector.from_pretrained(
-        args.detector, dtype=getattr(torch, args.dtype), device=device,
+        args.detector, dtype=_tower_dtype(args), device=device,
         threshold=args.threshold, batch_size=args.batch_size,
     )  # fmt: skip
     try:

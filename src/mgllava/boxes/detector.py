@@ -1,4 +1,4 @@
-"""OWLv2 open-vocabulary detector: images + tags -> `Boxes` in original-image pixels (SPEC section 7).
+"""OWLv2 open-vocabulary detector: images + tags -> `Boxes` in original-image pixels (docs/design.md section 7).
 
 Per image: queries `prompt.format(tag=t)` ("a photo of {tag}", the reference's), OWLv2 class logits
 (B, P, Q) over the P patches, score = sigmoid(max over queries), label = the best query's tag, keep

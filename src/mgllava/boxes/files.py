@@ -10,7 +10,7 @@ Our record (one line each; coordinates in original image pixels, `frame` = that 
 
 The reference's file is a JSON list of `{"id", "boxes", "scores", "labels"}` (images) or
 `{"video", "frames": [...]}` (videos); ids are compared as strings (the reference's training code does
-`str(item["id"])`). Same id means same image (SPEC section 7): duplicate ids with different boxes are an
+`str(item["id"])`). Same id means same image (docs/design.md section 7): duplicate ids with different boxes are an
 error naming the id. `to_reference_json` writes one entry per sample id (the reference looks boxes up by
 id); records without any id cannot be expressed in that form and are left out.
 """

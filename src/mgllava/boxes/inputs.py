@@ -7,7 +7,7 @@ of the box file). An item's `key` names the image within the run: its normalised
 - LLaVA (`.json` list or `.jsonl`): samples `{"id", "image", "conversations"}`; `image` is relative to the
   image root (default: the file's folder). Samples without an image are text-only and skipped, `video`
   samples are skipped too (counted in `skipped`). An optional `tags` field (list or comma-separated)
-  gives the sample's own tags (`--tagger sample`). Same id means same image (SPEC section 7): an id used
+  gives the sample's own tags (`--tagger sample`). Same id means same image (docs/design.md section 7): an id used
   with two different images is an error naming both samples.
 - Folder: every image file below it (by extension), sorted by relative path; the id is that path.
 - TSV (MMBench style, as VLMEvalKit writes it): columns `index` and `image` (base64); an `image` cell that
@@ -118,7 +118,7 @@ def scan_llava(path: Path, image_root: Path) -> Scan:
             if first[0] != key:
                 raise ValueError(
                     f"input {path}: id {sid!r} is sample {first[1]} with image {first[0]!r} and sample {number} "
-                    f"with image {key!r}; the same id must mean the same image (SPEC section 7)"
+                    f"with image {key!r}; the same id must mean the same image (docs/design.md section 7)"
                 )
         item = by_key.get(key)
         if item is None:

@@ -1,4 +1,4 @@
-"""Box selection and the transform into the model's square input frame (SPEC sections 2 and 5).
+"""Box selection and the transform into the model's square input frame (docs/design.md sections 2 and 5).
 
 Order, as in the reference dataset: shift into the square-padded frame -> NMS -> cap -> scale to the
 high-res side, round, clip, drop -> zero-box fallback. Video frames (not padded) are scaled by the short
@@ -121,7 +121,7 @@ def select_boxes(boxes: Boxes, options: BoxOptions = BoxOptions()) -> Boxes:
 
 
 def pad_offset(width: int, height: int) -> tuple[int, int]:
-    """(dx, dy) of an image pasted centred on its long side's square (SPEC section 2)."""
+    """(dx, dy) of an image pasted centred on its long side's square (docs/design.md section 2)."""
     side = max(width, height)
     return (side - width) // 2, (side - height) // 2
 

@@ -1,4 +1,4 @@
-"""Taggers: images -> English tags, the text queries of the open-vocabulary detector (SPEC section 7).
+"""Taggers: images -> English tags, the text queries of the open-vocabulary detector (docs/design.md section 7).
 
 Every tagger has one method, `tags(images) -> list[list[str]]`: for each RGB `PIL.Image`, its tags, best
 first, without duplicates. An empty list is a legitimate answer ("nothing recognised"); the detector then

@@ -1,17 +1,21 @@
-"""Assemble MG-LLaVA from the real released formats, accounting for every key (SPEC sections 3 and 10).
+"""Assemble MG-LLaVA from the real released formats, accounting for every key (docs/design.md sections 3 and 10).
 
 - Low-res tower: an HF CLIP folder (`openai/clip-vit-large-patch14-336`: a full `CLIPModel`; its text tower,
   projections and `logit_scale` are known-unused and reported, anything else unexpected is an error).
 - High-res tower: an OpenCLIP checkpoint (`open_clip_pytorch_model.bin` or `open_clip_model.safetensors`
   of `laion/CLIP-convnext_large_d_320...`); `visual.trunk.{stem,stages}.*` are renamed onto transformers'
-  ConvNeXt modules (SPEC section 3), the sizes are read from the tensors; the trunk head, `norm_pre`, the
+  ConvNeXt modules (docs/design.md section 3), the sizes are read from the tensors; the trunk head, `norm_pre`, the
   projection head and the text tower are known-unused.
 - LLM: an HF causal-LM folder (weights, config, tokenizer).
 - Optionally a reference `.pth` (XTuner) holding `projector.*`, `bbox_projector.*`, `fuse_module.*` and
-  `llm.*`: it replaces the new modules and the LLM weights.
+  `llm.*`: it replaces the new modules and the LLM weights (a stage-1 file without `llm.*` keeps the LLM
+  folder's weights, with a warning). It is unpickled once and each tensor is handed to the model as it is
+  consumed, so the peak memory is about one copy of the file (a 26 GB Vicuna-13B file needs ~26 GB, not 52).
 
-Missing keys, unexpected keys and shape mismatches raise `CheckpointError` listing them - the reference
-loads with `strict=False` and silently ignores mismatches. Pickled checkpoints are opened with
+Everything is checked before anything is written: a template whose chat markers are not tokens of the LLM's
+tokenizer, a reference for another LLM size (hidden size, layer count), a truncated or corrupt file, missing
+keys, unexpected keys and shape mismatches each raise an error naming the file and what is wrong - the
+reference loads with `strict=False` and silently ignores mismatches. Pickled checkpoints are opened with
 `weights_only=True`; one that needs arbitrary classes is refused with the classes named, unless the caller
 passes `trust_pickle=True` for a file they trust.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -37,6 +43,7 @@ from transformers import (
 )
 
 from ..data.processor import MGLlavaProcessor, ensure_image_token
+from ..data.templates import check_tokenizer, get_template
 from ..model.configuration import MGLlavaConfig
 from ..model.encoders import HighResEncoder
 from ..model.fusion import build_fusion
@@ -81,18 +88,36 @@ def _listing(keys: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    """The error for a file torch or safetensors cannot open, saying when it looks cut short."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        zip_header = f.read(4) == b"PK\x03\x04"
+    if zip_header and not zipfile.is_zipfile(path):
+        reason = f"truncated: a torch.save archive of {size:,} bytes whose end (its zip directory) is missing"
+    else:
+        reason = f"corrupt, truncated or not a checkpoint ({size:,} bytes)"
+    return CheckpointError(
+        f"{path}: cannot read checkpoint, {reason}; download or save it again "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    )
+
+
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a `.safetensors` file or a pickled `.bin`/`.pth`/`.pt` state dict (weights only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise _unreadable(path, err) from err
     if not trust_pickle:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception as err:  # not a torch.save file at all
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
+        except Exception as err:  # not a torch.save file at all, or cut short
+            raise _unreadable(path, err) from err
         if unsafe:
             raise CheckpointError(
                 f"{path}: the pickle needs these classes to load: {', '.join(unsafe)}. Unpickling them can run "
@@ -101,7 +126,7 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # torch raises several types for corrupt files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
+        raise _unreadable(path, err) from err
 
 
 def unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
@@ -283,17 +308,29 @@ def assemble(
     high_res_image_size: int = 768,
     dtype: torch.dtype = torch.float32,
     trust_pickle: bool = False,
+    context_length: int | None = None,
 ):
-    """Build (model, processor) from the real formats; see the module docstring. Nothing is downloaded."""
+    """Build (model, processor) from the real formats; see the module docstring. Nothing is downloaded.
+    `context_length`: the longest sequence the model runs (default: the LLM's `max_position_embeddings`);
+    video models set it longer (see `MGLlavaConfig`)."""
     for label, path in (("CLIP folder", clip), ("LLM folder", llm)):
         if not Path(path).is_dir():
             raise CheckpointError(f"{label} {path}: not a directory")
     if not Path(convnext).exists():
         raise CheckpointError(f"OpenCLIP ConvNeXt checkpoint {convnext}: no such file or folder")
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
+    try:
+        check_tokenizer(tokenizer, get_template(template))
+    except ValueError as err:
+        raise ValueError(f"LLM folder {llm}: {err}") from err
     image_token_id = _placeholder_id(tokenizer)
     text_config = AutoConfig.from_pretrained(str(llm))
+    folder_vocab = text_config.vocab_size
     text_config.vocab_size = max(text_config.vocab_size, image_token_id + 1)
+    ref_state = None
+    if reference is not None:  # unpickled once; each part below takes (pops) its tensors from it
+        ref_state = reference_state_dict(reference, trust_pickle)
+        _check_llm_size(ref_state, text_config, folder_vocab, reference, llm)
     vision = load_clip_vision(clip, dtype)
     high_config, high_res = load_open_clip_convnext(convnext, high_res_image_size, trust_pickle)
     config = MGLlavaConfig(
@@ -303,6 +340,7 @@ def assemble(
         image_token_id=image_token_id,
         fusion=fusion,
         object_tokens=object_tokens,
+        context_length=context_length,
         dtype=dtype,
     )
     with torch.device("meta"):
@@ -310,10 +348,17 @@ def assemble(
     model.vision_tower.clip = vision
     if model.high_res_tower is not None:
         model.high_res_tower = high_res.to(dtype)
-    model.language_model = _load_llm(llm, text_config, reference, dtype, trust_pickle)
+    llm_state = _take(ref_state, "language_model.") if ref_state is not None else None
+    if llm_state is not None and not llm_state:
+        logger.warning(
+            "%s has no llm.* weights (a stage-1 checkpoint): the LLM is the folder's %s", reference, llm
+        )
+        llm_state = None
+    model.language_model = _load_llm(llm, text_config, llm_state, reference, dtype)
+    del llm_state
     _fresh_new_modules(model, config, dtype)
-    if reference is not None:
-        _load_reference_modules(model, reference, trust_pickle)
+    if ref_state is not None:
+        _load_reference_modules(model, ref_state, reference)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise CheckpointError(f"parameters left without weights: {_listing(meta)}")
@@ -330,10 +375,58 @@ def _placeholder_id(tokenizer: Any) -> int:
     return len(tokenizer)  # `ensure_image_token` adds it right there
 
 
+def _take(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove and return the entries under `prefix` (prefix stripped): each tensor keeps a single owner, so
+    the reference's tensors are freed as the model takes them over."""
+    return {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Cast in place, one tensor at a time (a cast copy replaces its original before the next is made)."""
+    for key in list(state):
+        state[key] = state[key].to(dtype)
+    return state
+
+
+def _check_llm_size(
+    state: dict[str, torch.Tensor],
+    text_config: Any,
+    folder_vocab: int,
+    reference: str | Path,
+    llm: str | Path,
+) -> None:
+    """Refuse a reference whose LLM (`llm.*`) is another size or vocabulary than the LLM folder's."""
+    llm_keys = [k for k in state if k.startswith("language_model.")]
+    embed = next((state[k] for k in llm_keys if k.endswith("embed_tokens.weight")), None)
+    if embed is None:  # no LLM in the file (stage 1), or an odd layout that the strict load will list
+        return
+    layers = len({m.group(1) for k in llm_keys if (m := re.search(r"\.layers\.(\d+)\.", k))})
+    theirs = (embed.shape[1], layers)
+    ours = (text_config.hidden_size, text_config.num_hidden_layers)
+    if theirs != ours:
+        raise CheckpointError(
+            f"{reference}: its LLM (llm.*) has hidden size {theirs[0]} and {theirs[1]} layers but the LLM folder "
+            f"{llm} has hidden size {ours[0]} and {ours[1]} layers: the checkpoint is for another LLM; pass the "
+            "LLM folder it was trained from"
+        )
+    if embed.shape[0] not in (folder_vocab, text_config.vocab_size):
+        raise CheckpointError(
+            f"{reference}: its LLM has {embed.shape[0]} vocabulary rows but the LLM folder {llm} has "
+            f"{folder_vocab}: the checkpoint was trained with another tokenizer; pass the LLM folder it was "
+            "trained from"
+        )
+
+
 def _load_llm(
-    llm: str | Path, text_config: Any, reference: str | Path | None, dtype: torch.dtype, trust_pickle: bool
+    llm: str | Path,
+    text_config: Any,
+    state: dict[str, torch.Tensor] | None,
+    reference: str | Path | None,
+    dtype: torch.dtype,
 ):
-    if reference is None:
+    """The LLM from its folder, or (`state`: the reference's `llm.*` tensors) built from the folder's config
+    and filled from the reference."""
+    if state is None:
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(llm), dtype=dtype, output_loading_info=True
@@ -347,11 +440,6 @@ def _load_llm(
         return model
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
-    state = {
-        k[len("language_model.") :]: v
-        for k, v in reference_state_dict(reference, trust_pickle).items()
-        if k.startswith("language_model.")
-    }
     embed_key = next((k for k in state if k.endswith("embed_tokens.weight")), None)
     if embed_key is not None:  # reference vocab lacks the placeholder row: pad embeddings and head with zeros
         for key in [embed_key, "lm_head.weight"]:
@@ -361,7 +449,7 @@ def _load_llm(
     if text_config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tied = {"lm_head.weight"} if text_config.tie_word_embeddings else set()
-    _load_strict(model, {k: v.to(dtype) for k, v in state.items()}, f"{reference} (llm.*)", skip=tied)
+    _load_strict(model, _cast(state, dtype), f"{reference} (llm.*)", skip=tied)
     model.tie_weights()
     return model
 
@@ -385,12 +473,12 @@ def _fresh_new_modules(
 
 
 def _load_reference_modules(
-    model: MGLlavaForConditionalGeneration, reference: str | Path, trust_pickle: bool
+    model: MGLlavaForConditionalGeneration, state: dict[str, torch.Tensor], reference: str | Path
 ) -> None:
-    state = reference_state_dict(reference, trust_pickle)
+    """Fill the new modules from the reference's remaining tensors (`state`, emptied on the way)."""
     for name in ("fusion", "projector", "box_projector", "object_mixer"):
         module = getattr(model, name)
-        part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+        part = _take(state, name + ".")
         if module is None:
             if part:
                 raise CheckpointError(
@@ -399,8 +487,6 @@ def _load_reference_modules(
             continue
         if not part and not any(True for _ in module.parameters()):
             continue
-        _load_strict(
-            module,
-            {k: v.to(next(module.parameters()).dtype) for k, v in part.items()},
-            f"{reference} ({name})",
-        )
+        _load_strict(module, _cast(part, next(module.parameters()).dtype), f"{reference} ({name})")
+    if state:  # every key was renamed into one of the parts above; anything else is a bug here
+        raise CheckpointError(f"{reference}: keys no module took ({len(state)}): {_listing(state)}")

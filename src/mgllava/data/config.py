@@ -26,6 +26,8 @@ class DataSource:
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     mixture: str | None = None  # a YAML file with `sources:`; its sources are added to the ones above
-    num_frames: int | None = None  # frames per video; None: the processor's setting (8, SPEC section 8)
+    num_frames: int | None = (
+        None  # frames per video; None: the processor's setting (8, docs/design.md section 8)
+    )
     skip: str | None = None  # bad_samples.jsonl written by `mgllava check-data`: those samples are left out
     num_workers: int = 0

@@ -1,4 +1,4 @@
-"""LLaVA-format training data: records, mixtures, boxes, and encoding one sample (SPEC sections 6-8).
+"""LLaVA-format training data: records, mixtures, boxes, and encoding one sample (docs/design.md sections 6-8).
 
 A record is `{"id": ..., "image": "rel/path.jpg" | ["a.jpg", "b.jpg"] | absent, "video": "rel.mp4" | absent,
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.

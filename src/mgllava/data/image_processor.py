@@ -1,4 +1,4 @@
-"""`MGLlavaImageProcessor`: one image -> the low-res and high-res tensors and the object boxes (SPEC section 2).
+"""`MGLlavaImageProcessor`: one image -> the low-res and high-res tensors and the object boxes (docs/design.md section 2).
 
     image (W x H, any mode) --load_image--> RGB, upright
       --pad to square (fill int(255 * mean), pasted at ((side-W)//2, (side-H)//2))-->  side x side
@@ -84,7 +84,7 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         self.invalid_boxes = invalid_boxes
         if int(num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        self.num_frames = int(num_frames)  # frames sampled per video (SPEC section 8: 8)
+        self.num_frames = int(num_frames)  # frames sampled per video (docs/design.md section 8: 8)
         self.proposer = proposer
         _ = self.box_options  # validates the box settings now rather than at the first image
 

@@ -1,4 +1,4 @@
-"""`MGLlavaProcessor`: text, conversations, images and boxes -> model inputs (SPEC sections 2, 5, 6).
+"""`MGLlavaProcessor`: text, conversations, images and boxes -> model inputs (docs/design.md sections 2, 5, 6).
 
 Two ways in:
 - `processor(text=..., images=..., boxes=...)`: raw text; each `<image>` takes the next image. BOS is
@@ -9,8 +9,11 @@ Two ways in:
   training `labels`; `tokenize=False` returns the prompt string for display.
 
 Batches are padded on `padding_side` ("left" for generation, "right" for training) with real attention
-masks. Sequences longer than `max_length` are an error, or with `truncation=True` lose text tokens from
-the end - placeholder rows are never cut (the reference re-checked nothing after inserting them).
+masks. Sequences longer than their budget are an error, or with `truncation=True` lose text tokens from
+the end - placeholder rows are never cut (the reference re-checked nothing after inserting them). The
+budget is `max_length` (2048 in the paper presets), or `video_max_length` for a sample that holds a video:
+8 frames are 8 x (576 + n) >= 4,616 visual rows, so a video model sets a longer one (see the
+`mgllava-vicuna-7b-video` preset); unset, videos get `max_length` too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .templates import (
     IMAGE_TOKEN,
     VIDEO_MARKER,
     VIDEO_TOKEN,
+    check_tokenizer,
     encode_turns,
     encode_with_markers,
     get_template,
@@ -90,16 +94,18 @@ class MGLlavaProcessor(ProcessorMixin):
         template: str = "vicuna",
         num_image_tokens: int = 576,
         max_length: int = 2048,
+        video_max_length: int | None = None,
         image_token: str = IMAGE_TOKEN,
         padding_side: str = "left",
         object_rows: bool = True,
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
-        get_template(template)
+        check_tokenizer(tokenizer, get_template(template))
         self.template = template
         self.num_image_tokens = int(num_image_tokens)
         self.max_length = int(max_length)
+        self.video_max_length = None if video_max_length is None else int(video_max_length)
         self.image_token = image_token
         self.padding_side = padding_side
         self.object_rows = bool(object_rows)  # False when the model mixes objects into image rows (f2b)
@@ -120,15 +126,18 @@ class MGLlavaProcessor(ProcessorMixin):
         if source == "tiny":
             source = packaged_tokenizer_path()
         tok = _load_tokenizer(source) if isinstance(source, (str, Path)) else source
-        settings = {"template": spec["template"], "max_length": spec["max_length"], **overrides}
-        return cls.for_config(config, tok, **settings)
+        settings = {k: spec[k] for k in ("template", "max_length", "video_max_length") if k in spec}
+        return cls.for_config(config, tok, **{**settings, **overrides})
 
     @classmethod
     def for_config(
         cls, config: MGLlavaConfig, tokenizer: Any, template: str, **overrides: Any
     ) -> MGLlavaProcessor:
-        """Processor matching a model config: image sizes, object tokens and the placeholder id."""
+        """Processor matching a model config: image sizes, object tokens and the placeholder id. A config with a
+        `context_length` gives videos that budget unless `video_max_length` is passed."""
         ensure_image_token(tokenizer, config.image_token_id)
+        if config.context_length is not None:
+            overrides.setdefault("video_max_length", config.context_length)
         image_processor = MGLlavaImageProcessor(
             low_res_size=config.vision_config.image_size,
             high_res_size=config.high_res_config.image_size,
@@ -187,7 +196,7 @@ class MGLlavaProcessor(ProcessorMixin):
         return _concat(parts), rows
 
     def _expand(self, ids: list[int], labels: list[int] | None, rows: list[int], truncation: bool):
-        """Replace each image/video marker by its run of placeholder tokens, then enforce `max_length`."""
+        """Replace each image/video marker by its run of placeholder tokens, then enforce the budget."""
         out_ids: list[int] = []
         out_labels: list[int] = []
         runs = iter(rows)
@@ -199,17 +208,32 @@ class MGLlavaProcessor(ProcessorMixin):
             else:
                 out_ids.append(token)
                 out_labels.append(labels[k] if labels is not None else IGNORE_INDEX)
-        return self._fit(out_ids, out_labels, truncation)
+        return self._fit(out_ids, out_labels, truncation, VIDEO_MARKER in ids)
 
-    def _fit(self, ids: list[int], labels: list[int], truncation: bool) -> tuple[list[int], list[int], int]:
-        excess = len(ids) - self.max_length
+    def budget(self, has_video: bool) -> tuple[int, str]:
+        """(token budget, its setting's name) of a sample with or without a video."""
+        if has_video and self.video_max_length is not None:
+            return self.video_max_length, "video_max_length"
+        return self.max_length, "max_length"
+
+    def _fit(
+        self, ids: list[int], labels: list[int], truncation: bool, has_video: bool = False
+    ) -> tuple[list[int], list[int], int]:
+        limit, name = self.budget(has_video)
+        excess = len(ids) - limit
         if excess <= 0:
             return ids, labels, 0
         visual = sum(1 for t in ids if t == self.image_token_id)
-        if not truncation or visual > self.max_length:
+        if not truncation or visual > limit:
+            hint = "; pass truncation=True to cut text" if not truncation and visual <= limit else ""
+            if has_video and self.video_max_length is None:
+                hint += (
+                    "; videos need a longer budget (video_max_length), which video models set (preset "
+                    "mgllava-vicuna-7b-video, or `mgllava assemble --context-length`)"
+                )
             raise ValueError(
                 f"sequence of {len(ids)} tokens ({visual} visual rows, {len(ids) - visual} text) exceeds "
-                f"max_length {self.max_length}" + ("" if truncation else "; pass truncation=True to cut text")
+                f"{name} {limit}{hint}"
             )
         drop = set()
         for pos in range(len(ids) - 1, -1, -1):
@@ -217,9 +241,7 @@ class MGLlavaProcessor(ProcessorMixin):
                 break
             if ids[pos] != self.image_token_id:
                 drop.add(pos)
-        logger.warning(
-            "truncated %d text tokens to fit max_length %d (visual rows kept)", excess, self.max_length
-        )
+        logger.warning("truncated %d text tokens to fit %s %d (visual rows kept)", excess, name, limit)
         keep = [i for i in range(len(ids)) if i not in drop]
         return [ids[i] for i in keep], [labels[i] for i in keep], excess
 
@@ -330,7 +352,7 @@ class MGLlavaProcessor(ProcessorMixin):
         return_tensors: str = "pt",
         **kwargs: Any,
     ) -> Any:
-        """The model's chat template (SPEC section 6). `tokenize=True` gives the exact token sequence; with
+        """The model's chat template (docs/design.md section 6). `tokenize=True` gives the exact token sequence; with
         `return_dict=True` a padded batch with `labels` and the visual tensors."""
         template = get_template(chat_template or self.template)
         batched = bool(conversation) and isinstance(conversation[0], list)

@@ -1,4 +1,4 @@
-"""Chat templates and conversation encoding, token for token as the reference (SPEC section 6).
+"""Chat templates and conversation encoding, token for token as the reference (docs/design.md section 6).
 
 Each turn is encoded as ``[BOS] + enc(INSTRUCTION.format(input)) + enc(output + SUFFIX) [+ EOS] [+ enc(SEP)]``
 with every piece tokenised separately (`add_special_tokens=False`) and the instruction split at each
@@ -11,8 +11,9 @@ Messages may be LLaVA style (`{"from": "human"|"gpt"|"system", "value": str}`) o
 reference (`llava_map_fn`), a message holding one `<image>` has it moved to its start as `<image>\\n`, and
 consecutive user messages are joined. A message with several images keeps them where they are.
 
-SPEC note: SPEC section 6 prints phi3_chat's instruction as ``<|user|>{input}...``; every XTuner copy of
-the template (and Phi-3's own chat format) has a newline after ``<|user|>``, so that is what we use.
+phi3_chat follows the reference's own XTuner copy (`xtuner/utils/templates.py` of PhoenixZ810/MG-LLaVA, which
+its Phi-3 configs use): no newline after ``<|user|>`` or ``<|system|>``. Upstream XTuner and Phi-3's own chat
+format have one; the released MG-LLaVA Phi-3 checkpoint was trained without it (docs/design.md section 13).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ),
         ChatTemplate(
             "phi3_chat",
-            instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
-            system="<|system|>\n{system}<|end|>\n",
+            instruction="<|user|>{input}<|end|>\n<|assistant|>\n",
+            system="<|system|>{system}<|end|>\n",
             suffix="<|end|>",
             suffix_as_eos=True,
             sep="\n",
@@ -224,6 +225,37 @@ def render(template: ChatTemplate, turns: list[Turn], system: str | None = None)
             break
         out += turn.output + template.suffix + template.sep
     return out
+
+
+_MARKER = re.compile(r"<\|[^|<>]+\|>")
+
+
+def template_markers(template: ChatTemplate) -> list[str]:
+    """The chat markers a template writes (`<|user|>`, `<|eot_id|>`, ...), each meant to be one token."""
+    text = template.system + template.instruction + template.suffix + "".join(template.stop_words)
+    return list(dict.fromkeys(_MARKER.findall(text)))
+
+
+def check_tokenizer(tokenizer: Any, template: ChatTemplate) -> None:
+    """Refuse a tokenizer that cannot encode `template` as its LLM was trained: every chat marker must be one
+    token of it (a tokenizer without them would split `<|user|>` into pieces and the model would see text it
+    never saw in training), and a template that ends answers with EOS needs an EOS token."""
+    split = [m for m in template_markers(template) if not _is_one_token(tokenizer, m)]
+    if split:
+        raise ValueError(
+            f"chat template {template.name!r} does not match this tokenizer: {', '.join(split)} "
+            f"{'is not a token' if len(split) == 1 else 'are not tokens'} of it; use the template of the LLM "
+            f"the tokenizer belongs to ({', '.join(TEMPLATES)})"
+        )
+    if not template.suffix_as_eos and tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"chat template {template.name!r} ends each answer with EOS but the tokenizer has none"
+        )
+
+
+def _is_one_token(tokenizer: Any, text: str) -> bool:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
 
 
 def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:

@@ -1,4 +1,4 @@
-"""Video frames into model tensors and boxes: the reference's per-frame transforms (SPEC section 8).
+"""Video frames into model tensors and boxes: the reference's per-frame transforms (docs/design.md section 8).
 
     frames (decoded by `media.video`)
     each frame: /255, CLIP-normalise, short side -> S (bilinear, align_corners=False, long side floored),

@@ -1,8 +1,9 @@
-"""Evaluation on the paper's benchmarks with the official scoring rules (SPEC sections 9 and 12).
+"""Evaluation on the paper's benchmarks with the official scoring rules (docs/design.md sections 9 and 12).
 
 Read in this order: `samples` (what a loader returns), `multiple_choice` / `short_answer` / `video_qa`
 (one module per benchmark family: formats, prompts, scoring), `metrics` (the official rules as pure
-functions), `judge` (the GPT judge for video QA), `benchmarks` (the registry), `runner` (sharded, batched,
+functions), `scoring` (the pipelines `--scoring` chooses: official, llava, lmms-eval), `judge` (the GPT
+judge for video QA), `benchmarks` (the registry), `runner` (sharded, batched,
 resumable generation and the results), `report`, `easy_vqa` (a real public set), `cli`.
 """
 

@@ -7,9 +7,11 @@ itself is never on the command line, in a file or in the code. Requests go throu
 
 The prompts are Video-ChatGPT's `quantitative_evaluation/evaluate_activitynet_qa.py` (used by Video-LLaVA
 and the MG-LLaVA reference for MSVD-QA and MSRVTT-QA), character for character, including their missing
-spaces. Replies are read by `metrics.parse_judge_reply`. Every verdict is appended to a JSONL as it
-arrives, so a judge run that is interrupted (or rate-limited) resumes; failed requests are recorded with
-their reason and tried again on the next run, never counted as yes or no.
+spaces. Each reply is appended, as received, to a JSONL as it arrives, so a judge run that is interrupted
+(or rate-limited) resumes; failed requests are recorded with their reason. How replies are read and how
+failures count is the scoring pipeline's (`metrics.judge_summary_official` / `judge_summary_lmms_eval`):
+under "official" a reply the scripts cannot read is asked for again, as Video-ChatGPT's loop does, up to
+`rounds` times per run (and again on the next run); under "lmms-eval" only failed requests are asked again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..utils.io import JsonlWriter
-from .metrics import JudgeReplyError, parse_judge_reply
+from .metrics import JudgeReplyError, read_judge_reply
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ class GptJudge:
     key_env: str = "MGLLAVA_JUDGE_API_KEY"
     workers: int = 4
     timeout: float = 60.0
-    max_retries: int = 2
+    max_retries: int = 2  # the client's retries of one request (transport errors, rate limits)
+    rounds: int = 3  # passes over the questions still without a usable reply, per run
 
     @property
     def name(self) -> str:
@@ -86,8 +89,8 @@ class GptJudge:
             )
         return OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=self.max_retries)
 
-    def ask(self, client: Any, item: JudgeItem) -> dict[str, Any]:
-        """One verdict: {'pred': 'yes'|'no'|..., 'score': int}; raises on transport or format errors."""
+    def ask(self, client: Any, item: JudgeItem) -> str:
+        """The judge's reply text to one item; raises on transport errors."""
         completion = client.chat.completions.create(
             model=self.model,
             messages=[
@@ -100,7 +103,7 @@ class GptJudge:
                 },
             ],
         )
-        return parse_judge_reply(completion.choices[0].message.content or "")
+        return completion.choices[0].message.content or ""
 
     def file_name(self) -> str:
         return "judge-" + re.sub(r"[^A-Za-z0-9._-]+", "_", self.model) + ".jsonl"
@@ -111,27 +114,43 @@ def _verdict(judge: GptJudge, client: Any, item: JudgeItem) -> dict[str, Any]:
 
     record: dict[str, Any] = {"id": item.key, "model": judge.model, "prediction": item.prediction}
     try:
-        record.update(judge.ask(client, item))
-    except (OpenAIError, JudgeReplyError) as err:
+        record["reply"] = judge.ask(client, item)
+    except OpenAIError as err:
         record["error"] = f"{type(err).__name__}: {err}"
     return record
 
 
-def run_judge(judge: GptJudge, items: Iterable[JudgeItem], out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Verdicts for `items`, reusing those on disk for the same prediction; key -> latest record."""
+def readable_official(record: dict[str, Any]) -> bool:
+    """Whether the official scripts would keep this reply (else they ask again)."""
+    try:
+        read_judge_reply(record["reply"])
+    except JudgeReplyError:
+        return False
+    return True
+
+
+def needs_asking(record: dict[str, Any] | None, item: JudgeItem, reask_unreadable: bool) -> bool:
+    """No reply for this prediction yet, a failed request, or (official) a reply the scripts cannot read."""
+    if record is None or record.get("prediction") != item.prediction or "reply" not in record:
+        return True
+    return reask_unreadable and not readable_official(record)
+
+
+def run_judge(
+    judge: GptJudge, items: Iterable[JudgeItem], out_dir: str | Path, reask_unreadable: bool = True
+) -> dict[str, dict[str, Any]]:
+    """The latest record per item (`reply` text, or `error`), asking the judge about items without a usable
+    reply in up to `judge.rounds` passes; records on disk for the same prediction are reused."""
     items = list(items)
     writer = JsonlWriter(Path(out_dir) / judge.file_name(), key=lambda r: r["id"])
     try:
         latest = {r["id"]: r for r in writer.records}
-        todo = [
-            i
-            for i in items
-            if i.key not in latest
-            or "error" in latest[i.key]
-            or latest[i.key].get("prediction") != i.prediction
-        ]
-        if todo:
-            client = judge.client()
+        client = None
+        for _ in range(max(1, judge.rounds)):
+            todo = [i for i in items if needs_asking(latest.get(i.key), i, reask_unreadable)]
+            if not todo:
+                break
+            client = client or judge.client()
             logger.info("judging %d predictions with %s at %s", len(todo), judge.model, judge.base_url)
             with ThreadPoolExecutor(max_workers=max(1, judge.workers)) as pool:
                 futures = [pool.submit(_verdict, judge, client, item) for item in todo]

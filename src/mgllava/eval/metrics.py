@@ -1,37 +1,60 @@
 """Scoring rules of the benchmarks, as pure functions that follow the official scripts, quirks included.
 
 Harnesses disagree by whole points because of answer normalisation and choice extraction, so every function
-here names the script it follows. Where that script has a quirk, we keep it and say so; a function that
-deviates says how.
+here names the script it follows (repository, file, and the commit read when it matters). Where that script
+has a quirk, we keep it and say so; a function that deviates says how. docs/scoring.md gives every rule with
+its source and worked examples; `scoring.py` groups them into the pipelines `--scoring` chooses.
 
-- `vqa_accuracy`: GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py` (Python 3 master):
-  the prediction is cleaned (newline/tab -> space, strip, `processPunctuation`, `processDigitArticle`),
-  the human answers get `processPunctuation` only, and only when they are not all identical; the score is
-  the mean over the leave-one-out subsets of `min(1, matches / 3)`.
-- `evalai_normalize` + `textvqa_accuracy`: `EvalAIAnswerProcessor` and `TextVQAAccuracyEvaluator` of
-  LLaVA `llava/eval/m4c_evaluator.py` (copied there from MMF), which LLaVA and the MG-LLaVA reference use
-  for TextVQA; the same processor writes the VQAv2 test-dev upload file.
-- `anls`: the Robust Reading Competition script (DocVQA / InfographicVQA `evaluate_method`, also the
-  reference's `anls_compute` + `hit_calculate`): strip, lower-case and collapse spaces before the edit
-  distance, but divide by the length of the *raw* strings; a similarity of exactly `threshold` is kept.
-- `extract_choice`: rule "reference" is the reference's `re.search(r'([A-D]+)', prediction)` (first run of
-  capital A-D anywhere, even inside a word, and only A-D whatever the number of options); rule "robust" is
-  the exact-matching stage of VLMEvalKit's `can_infer` (option letter as a standalone token, else the
-  unique option whose text appears in the answer), without its ChatGPT fallback.
-- `circular_key` / `circular_groups` / `circular_correct`: MMBench CircularEval as in VLMEvalKit and the
-  reference's `multiple_choice_dataset.py`: rows whose `index % 1_000_000` agree are the rotations of one
-  question, which counts only if every rotation is answered right.
-- `rule_judge`: our own rule-based video QA judge (no official script; reported under its own name).
-- `parse_judge_reply` / `judge_summary`: the reading of Video-ChatGPT's GPT judge reply
-  (`quantitative_evaluation/evaluate_activitynet_qa.py`): `ast.literal_eval` of the reply, `int(score)`,
-  accuracy = yes / (yes + no) with "yes" tested (as a substring) before "no".
+VQA-style accuracy (answers compared after normalisation; leave-one-out over the human answers):
+- `vqa_accuracy`: GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py` (master, a013f00
+  "Fixed processing answers bug", 2021): newlines and tabs become spaces and both sides are stripped; when
+  the human answers are not all identical, `processPunctuation` and `processDigitArticle` go over the
+  prediction and every answer; when they are identical, neither side is touched. The score is the mean over
+  the n leave-one-out subsets of `min(1, matches / 3)`.
+- `vqa_accuracy_lmms_eval`: lmms-eval `lmms_eval/tasks/vqav2/utils.py` (since 28ea9a1, 2025-08-11): the
+  same two steps on both sides always, unanimous or not.
+- `evalai_normalize`: `EvalAIAnswerProcessor` of LLaVA `llava/eval/m4c_evaluator.py` (from MMF): lower-case,
+  drop ',' and '?', "'s" -> " 's", then the punctuation and digit/article steps (its digit-comma test is
+  `(?<=\\d)(,)+(?=\\d)`). LLaVA's `scripts/convert_vqav2_for_submission.py` passes every VQAv2 answer through it.
+- `textvqa_accuracy`: `TextVQAAccuracyEvaluator` of the same file (MMF's, written by TextVQA's authors):
+  the processor on the prediction and on every answer; the prediction's soft score, else 0.
+- `anls`: the Robust Reading Competition script (DocVQA / InfographicVQA `evaluate_method`, as in Qwen-VL
+  `eval_mm/infographicsvqa_eval.py`; lmms-eval `api/metrics.py anls` and the reference's `anls_compute` agree):
+  strip, lower-case and collapse spaces before the edit distance, but divide by the length of the *raw*
+  strings; a similarity of exactly `threshold` is kept.
+
+Multiple choice (`extract_choice(prediction, options, rule)`; rules in `CHOICE_RULES`):
+- "reference": MG-LLaVA / XTuner `multiple_choice_dataset.py`, `re.search(r'([A-D]+)', prediction)`.
+- "vlmevalkit": VLMEvalKit `vlmeval/utils/matching_util.py` `can_infer` (e8e78f0, 2026): refusals -> "Z";
+  the one option letter among the tokens, if it is within the last four; "(correct) answer is **X**";
+  else the one option whose text is in the answer. Its ChatGPT fallback is not run (exact matching).
+- "mmstar": MMStar-Benchmark/MMStar `eval/vlmeval/evaluate/mmstar.py`: the first character, or the one after
+  "(", "option " or "the answer is ".
+- "llava-sqa": LLaVA `llava/eval/eval_science_qa.py`; "llava-seed": LLaVA
+  `scripts/convert_seed_for_submission.py` (the answer text must equal the letter).
+- `circular_*`: MMBench CircularEval as in VLMEvalKit `vlmeval/dataset/utils/multiple_choice.py`: rows whose
+  `index % 1_000_000` agree are the rotations of one question, which counts only if every rotation is right.
+
+Video QA judges:
+- `rule_judge`: our own rule-based judge (no official script; reported under its own name).
+- `read_judge_reply` / `judge_summary_official`: Video-ChatGPT `quantitative_evaluation/
+  evaluate_activitynet_qa.py` and Video-LLaVA `videollava/eval/video/eval_video_qa.py` (the file format the
+  MG-LLaVA reference's `VIDEOQADataset` writes): the reply is `ast.literal_eval`-ed and saved as JSON; a reply
+  that cannot be read is asked again until every question has a verdict; every verdict counts in the mean
+  score, one without a usable `score` adds 0 and is neither yes nor no; accuracy = yes / (yes + no), with
+  "yes" tested (as a substring) before "no".
+- `read_judge_reply_lmms_eval` / `judge_summary_lmms_eval`: lmms-eval `lmms_eval/tasks/activitynetqa/utils.py`:
+  the reply's first `{...}` is read; any failure (request, reading, keys) counts as "no" with score 0.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 # -- VQA normalisation (vqaEval.py / EvalAIAnswerProcessor share these tables) ---------------------------
 CONTRACTIONS = {
@@ -75,8 +98,8 @@ PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
 # that is not followed by a digit.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP_VQAEVAL = re.compile(r"(\d)(,)(\d)")  # vqaEval.py
-_COMMA_STRIP_EVALAI = re.compile(r"(?<=\d)(,)+(?=\d)")  # EvalAIAnswerProcessor
-# Both scripts call `periodStrip.sub("", text, re.UNICODE)`: the flag lands in `count`, so at most 32
+_COMMA_STRIP_EVALAI = re.compile(r"(?<=\d)(,)+(?=\d)")  # EvalAIAnswerProcessor (LLaVA, MMF, lmms-eval)
+# Every script calls `periodStrip.sub("", text, re.UNICODE)`: the flag lands in `count`, so at most 32
 # periods are removed.
 _PERIOD_COUNT = int(re.UNICODE)
 
@@ -104,56 +127,81 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction against the human answers (10 in VQA; with n answers the
-    leave-one-out average runs over n subsets). In [0, 1]."""
-    if not answers:
-        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
-    pred = process_digit_article(process_punctuation(pred))
-    gts = list(answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+def _clean(text: str) -> str:
+    """Newlines and tabs to spaces, then strip (every VQA script does this to both sides first)."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
+    """Mean over the n subsets that leave one answer out of `min(1, matches / 3)`. The scripts leave out one
+    answer *record* (VQA records differ by `answer_id`), i.e. one position, which is what this does."""
     accs = []
-    for left_out in range(len(gts)):
-        matches = sum(1 for j, a in enumerate(gts) if j != left_out and a == pred)
+    for left_out in range(len(answers)):
+        matches = sum(1 for j, a in enumerate(answers) if j != left_out and a == prediction)
         accs.append(min(1.0, matches / 3))
     return sum(accs) / len(accs)
+
+
+def _need_answers(answers: Sequence[str], name: str) -> list[str]:
+    if not answers:
+        raise ValueError(f"{name} needs at least one ground-truth answer")
+    return list(answers)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Official VQA accuracy (vqaEval.py master) of one prediction against the human answers (10 in VQA;
+    with n answers the leave-one-out mean runs over n subsets). In [0, 1]."""
+    gts = [_clean(a) for a in _need_answers(answers, "vqa_accuracy")]
+    pred = _clean(prediction)
+    if len(set(gts)) > 1:
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    return _leave_one_out(pred, gts)
+
+
+def lmms_eval_normalize(text: str) -> str:
+    """lmms-eval's VQAv2 normalisation: clean, then the EvalAI processor's `process_punctuation` and
+    `process_digit_article` (no lower-casing or ',' / '?' removal before them, unlike the whole processor)."""
+    return process_digit_article(_process_punctuation(_clean(text), _COMMA_STRIP_EVALAI))
+
+
+def vqa_accuracy_lmms_eval(prediction: str, answers: Sequence[str]) -> float:
+    """lmms-eval's VQAv2 accuracy: `lmms_eval_normalize` on the prediction and on every answer, whether or
+    not the answers agree; then the same leave-one-out mean."""
+    gts = [lmms_eval_normalize(a) for a in _need_answers(answers, "vqa_accuracy_lmms_eval")]
+    return _leave_one_out(lmms_eval_normalize(prediction), gts)
 
 
 def evalai_normalize(text: str) -> str:
     """EvalAIAnswerProcessor (LLaVA `m4c_evaluator.py`): lower-case, drop ',' and '?', "'s" -> " 's", then
     the punctuation and digit/article steps (with its own digit-comma rule)."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(_process_punctuation(text, _COMMA_STRIP_EVALAI))
+    return process_digit_article(_process_punctuation(_clean(text), _COMMA_STRIP_EVALAI))
+
+
+def vqa_accuracy_llava(prediction: str, answers: Sequence[str]) -> float:
+    """LLaVA's VQAv2 numbers: the prediction through the EvalAI processor (as into the upload file), then the
+    official accuracy. Unanimous answers are then compared with the processed prediction."""
+    return vqa_accuracy(evalai_normalize(prediction), answers)
 
 
 def textvqa_answer_scores(answers: Sequence[str]) -> dict[str, float]:
     """M4C `_compute_answer_scores`: the soft score of every distinct (normalised) human answer."""
     gts = [evalai_normalize(a) for a in answers]
-    scores = {}
-    for unique in set(gts):
-        accs = []
-        for left_out in range(len(gts)):
-            matches = sum(1 for j, a in enumerate(gts) if j != left_out and a == unique)
-            accs.append(min(1.0, matches / 3))
-        scores[unique] = sum(accs) / len(accs)
-    return scores
+    return {unique: _leave_one_out(unique, gts) for unique in set(gts)}
 
 
 def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """M4C TextVQAAccuracyEvaluator as LLaVA runs it: the normalised prediction's soft score, else 0."""
-    if not answers:
-        raise ValueError("textvqa_accuracy needs at least one ground-truth answer")
-    return textvqa_answer_scores(answers).get(evalai_normalize(prediction), 0.0)
+    """M4C TextVQAAccuracyEvaluator: the normalised prediction's soft score, else 0. M4C asserts exactly 10
+    answers; with n answers the same leave-one-out mean runs over n (as lmms-eval's TextVQA does)."""
+    scores = textvqa_answer_scores(_need_answers(answers, "textvqa_accuracy"))
+    return scores.get(evalai_normalize(prediction), 0.0)
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     """1.0 when the EvalAI-normalised prediction equals any normalised answer (M4C's STVQA accuracy)."""
-    if not answers:
-        raise ValueError("exact_match needs at least one ground-truth answer")
-    return float(evalai_normalize(prediction) in {evalai_normalize(a) for a in answers})
+    gts = {evalai_normalize(a) for a in _need_answers(answers, "exact_match")}
+    return float(evalai_normalize(prediction) in gts)
 
 
 # -- ANLS ---------------------------------------------------------------------------------------------------
@@ -172,11 +220,9 @@ def levenshtein(a: str, b: str) -> int:
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
     """ANLS of one prediction: max over answers of 1 - NL, set to 0 below `threshold` (RRC script)."""
-    if not answers:
-        raise ValueError("anls needs at least one ground-truth answer")
     det = " ".join(prediction.strip().lower().split())
     values = []
-    for answer in answers:
+    for answer in _need_answers(answers, "anls"):
         gt = " ".join(answer.strip().lower().split())
         length = max(len(answer.upper()), len(prediction.upper()))
         values.append(0.0 if length == 0 else levenshtein(gt, det) / length)
@@ -185,47 +231,143 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
 
 
 # -- multiple choice ----------------------------------------------------------------------------------------
-CHOICE_RULES = {
-    "reference": "first run of capital A-D anywhere in the answer, re.search(r'([A-D]+)') "
-    "(MG-LLaVA/XTuner multiple_choice_dataset.py)",
-    "robust": "option letter as a standalone token, else the unique option whose text is in the answer "
-    "(VLMEvalKit can_infer, exact-matching stage, no ChatGPT)",
-}
 _REFERENCE_CHOICE = re.compile(r"([A-D]+)")
-_SPLIT_CHARS = ".()[],:;!*#{}"
 
 
-def _letter_token(prediction: str, letters: Iterable[str]) -> str | None:
-    text = prediction
-    for ch in _SPLIT_CHARS:
+def choice_reference(prediction: str, options: Mapping[str, str]) -> str | None:
+    """MG-LLaVA/XTuner: the first run of capital A-D anywhere, even inside a word ("Apple" -> "A"), possibly
+    several letters ("AB", never equal to an answer), never E or later."""
+    match = _REFERENCE_CHOICE.search(prediction)
+    return match.group(1) if match else None
+
+
+_VLMEVAL_SPLIT_CHARS = ".()[],:;!*#{}"
+_VLMEVAL_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_VLMEVAL_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def _can_infer_option(answer: str, letters: list[str]) -> str | None:
+    """VLMEvalKit `can_infer_option` (its VERBOSE-only "A might be a quantifier" give-up is off by default)."""
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(refusal in answer for refusal in _VLMEVAL_REFUSALS):
+        return "Z"
+    text = answer
+    for ch in _VLMEVAL_SPLIT_CHARS:
         text = text.replace(ch, " ")
-    tokens = text.split()
-    found = [letter for letter in letters if letter in tokens]
-    # VLMEvalKit's "A might be a quantifier" give-up only runs with VERBOSE set; its default is to accept
-    return found[0] if len(found) == 1 else None
+    splits = text.split()
+    found = [letter for letter in letters if letter in splits]
+    if len(found) == 1:
+        if splits.index(found[0]) > len(splits) - 5:  # the first occurrence, among the last four tokens
+            return found[0]
+    elif not found and "Z" in splits:
+        return "Z"
+    match = _VLMEVAL_VERBOSE.search(answer)
+    if match and match.group(1).upper() in letters:
+        return match.group(1).upper()
+    return None
 
 
-def _option_text(prediction: str, options: Mapping[str, str]) -> str | None:
-    answer = prediction.lower()
+def _can_infer_text(answer: str, options: Mapping[str, str]) -> str | None:
+    """VLMEvalKit `can_infer_text`: the one option whose (lower-cased) text is in the answer, for answers no
+    longer than twice the options' total length."""
+    answer = answer.lower()
     if len(answer) > 2 * sum(len(str(v)) for v in options.values()):
         return None
     found = [letter for letter, text in options.items() if str(text).lower() in answer]
     return found[0] if len(found) == 1 else None
 
 
-def extract_choice(prediction: str, options: Mapping[str, str], rule: str = "reference") -> str | None:
-    """The option letter a free-text answer picks, or None. `options` maps letters to option texts.
+def choice_vlmevalkit(prediction: str, options: Mapping[str, str]) -> str | None:
+    """VLMEvalKit `can_infer` (exact matching): a letter of `options`, "Z" (a refusal, or a lone "Z"), or None."""
+    answer = str(prediction)
+    return _can_infer_option(answer, list(options)) or _can_infer_text(answer, options)
 
-    "reference" can return more than one letter ("AB" from "AB testing"), which then never equals the
-    answer - as in the reference. "robust" returns a letter of `options` or None.
+
+def choice_mmstar(prediction: str, options: Mapping[str, str]) -> str | None:
+    """MMStar's rule. The script tests `answer == p[0]`, or `p[1]` after "(", `p[7]` after "option ", `p[14]`
+    after "the answer is ", with p the lower-cased, stripped prediction; for option letters (never "(",
+    "o" or "t") that is the letter returned here, upper-cased. An empty prediction is wrong (None)."""
+    p = prediction.lower().strip().replace("\n", " ")
+    for prefix in ("(", "option ", "the answer is "):
+        if p.startswith(prefix):
+            return p[len(prefix)].upper() if len(p) > len(prefix) else None
+    return p[0].upper() if p else None
+
+
+_LLAVA_SQA_LETTERS = "ABCDE"  # eval_science_qa.py `--options` default
+_LLAVA_SQA_PATTERN = re.compile(r"The answer is ([A-Z]).")
+
+
+def choice_llava_sqa(prediction: str, options: Mapping[str, str]) -> str | None:
+    """LLaVA's ScienceQA parse: the whole answer is a letter A-E; or "X. ..." ; or exactly one match of
+    `The answer is ([A-Z]).` (any character after the letter, so a bare trailing letter is missed). A letter
+    beyond the question's options is wrong (`get_pred_idx` -> -1)."""
+    letters = list(_LLAVA_SQA_LETTERS)
+    if prediction in letters:
+        letter = prediction
+    elif len(prediction) >= 3 and prediction[0] in letters and prediction[1:3] == ". ":
+        letter = prediction[0]
+    else:
+        found = _LLAVA_SQA_PATTERN.findall(prediction)
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter is not None and letter in letters[: len(options)] else None
+
+
+def choice_llava_seed(prediction: str, options: Mapping[str, str]) -> str | None:
+    """LLaVA's SEED-Bench scoring: right only when the answer text *is* the letter (`row['text'] == answer`)."""
+    return prediction if prediction in options else None
+
+
+@dataclass(frozen=True)
+class ChoiceRule:
+    extract: Callable[[str, Mapping[str, str]], str | None]
+    description: str
+
+
+CHOICE_RULES: dict[str, ChoiceRule] = {
+    "reference": ChoiceRule(
+        choice_reference,
+        "first run of capital A-D anywhere in the answer, re.search(r'([A-D]+)') "
+        "(MG-LLaVA/XTuner multiple_choice_dataset.py)",
+    ),
+    "vlmevalkit": ChoiceRule(
+        choice_vlmevalkit,
+        "VLMEvalKit can_infer, exact matching: refusal -> Z; the one option letter among the tokens, if within "
+        "the last four; '(correct) answer is **X**'; else the one option whose text is in the answer "
+        "(vlmeval/utils/matching_util.py)",
+    ),
+    "mmstar": ChoiceRule(
+        choice_mmstar,
+        "MMStar: first character, or the one after '(', 'option ' or 'the answer is ' "
+        "(MMStar eval/vlmeval/evaluate/mmstar.py)",
+    ),
+    "llava-sqa": ChoiceRule(
+        choice_llava_sqa,
+        "LLaVA ScienceQA: the answer is a letter A-E, or starts 'X. ', or has one 'The answer is X.' "
+        "(llava/eval/eval_science_qa.py)",
+    ),
+    "llava-seed": ChoiceRule(
+        choice_llava_seed,
+        "LLaVA SEED-Bench: the answer text equals the letter (scripts/convert_seed_for_submission.py)",
+    ),
+}
+
+
+def extract_choice(prediction: str, options: Mapping[str, str], rule: str = "reference") -> str | None:
+    """The option letter a free-text answer picks under `rule` (see CHOICE_RULES), or None (wrong).
+
+    `options` maps letters to option texts. "reference" can return more than one letter ("AB" from "AB
+    testing"); "vlmevalkit" can return "Z" (a refusal); both then never equal the answer.
     """
-    if rule == "reference":
-        match = _REFERENCE_CHOICE.search(prediction)
-        return match.group(1) if match else None
-    if rule == "robust":
-        letter = _letter_token(prediction, list(options))
-        return letter if letter is not None else _option_text(prediction, options)
-    raise ValueError(f"unknown choice rule {rule!r}; available: {', '.join(CHOICE_RULES)}")
+    if rule not in CHOICE_RULES:
+        raise ValueError(f"unknown choice rule {rule!r}; available: {', '.join(CHOICE_RULES)}")
+    return CHOICE_RULES[rule].extract(prediction, options)
 
 
 CIRCULAR_BASE = 1_000_000
@@ -270,39 +412,115 @@ def rule_judge(prediction: str, answer: str) -> bool:
 
 
 class JudgeReplyError(ValueError):
-    """A judge reply that is not the `{'pred': ..., 'score': ...}` dictionary asked for."""
+    """A judge reply the official scripts cannot read (and would ask for again)."""
 
 
-def parse_judge_reply(text: str) -> dict[str, object]:
-    """Video-ChatGPT's reading of a reply: `ast.literal_eval`, then `int(score)`; 'pred' kept as given."""
+_LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+# what reading a verdict can raise in the scripts' summaries: missing keys, a non-dict, int("high"), a pred
+# without .lower(), a score of 1e999
+_VERDICT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError)
+
+
+def read_judge_reply(text: str) -> Any:
+    """The official reading of a reply: `ast.literal_eval` of the whole text, saved to and read back from a
+    JSON file. Raises JudgeReplyError when either fails (the scripts then ask again)."""
     try:
-        reply = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as err:
-        raise JudgeReplyError(f"judge reply is not a Python dict literal: {text[:200]!r}") from err
-    if not isinstance(reply, dict) or "pred" not in reply or "score" not in reply:
-        raise JudgeReplyError(f"judge reply lacks 'pred' and 'score': {text[:200]!r}")
+        value = ast.literal_eval(text)
+    except _LITERAL_ERRORS as err:
+        raise JudgeReplyError(f"judge reply is not a Python literal: {text[:200]!r}") from err
     try:
-        score = int(reply["score"])
+        return json.loads(json.dumps(value))
     except (TypeError, ValueError) as err:
-        raise JudgeReplyError(f"judge score is not a number: {reply['score']!r}") from err
-    return {"pred": str(reply["pred"]), "score": score}
+        raise JudgeReplyError(f"judge reply cannot be saved as JSON: {text[:200]!r}") from err
 
 
-def judge_summary(replies: Iterable[Mapping[str, object]]) -> dict[str, float | int]:
-    """Video-ChatGPT's totals: yes / (yes + no) with the substring tests of the original, mean int score."""
-    yes = no = count = total = 0
-    for reply in replies:
+_MISSING = object()
+
+
+def _official_verdict(text: str | None) -> Any:
+    if text is None:
+        return _MISSING
+    try:
+        return read_judge_reply(text)
+    except JudgeReplyError:
+        return _MISSING
+
+
+def judge_summary_official(replies: Sequence[str | None]) -> dict[str, Any]:
+    """Video-ChatGPT / Video-LLaVA totals over one reply per question (None: no reply yet).
+
+    Every question must have a readable reply, else `complete` is False and there is no score (the scripts
+    keep asking). Every verdict counts in the mean score; one whose `score` is not `int()`-able adds nothing
+    and, like one whose `pred` is not text, is neither yes nor no (`unusable`). accuracy = yes / (yes + no),
+    "yes" tested as a substring before "no"; None when there is neither.
+    """
+    yes = no = total = unusable = count = missing = 0
+    for text in replies:
+        verdict = _official_verdict(text)
+        if verdict is _MISSING:
+            missing += 1
+            continue
         count += 1
-        total += int(reply["score"])
-        pred = str(reply["pred"]).lower()
-        if "yes" in pred:
-            yes += 1
-        elif "no" in pred:
-            no += 1
+        try:
+            total += int(verdict["score"])  # added before 'pred' is read, as in eval_video_qa.py
+            pred = verdict["pred"].lower()
+            if "yes" in pred:
+                yes += 1
+            elif "no" in pred:
+                no += 1
+        except _VERDICT_ERRORS:
+            unusable += 1
+    complete = missing == 0
     return {
-        "accuracy": yes / (yes + no) if yes + no else 0.0,
-        "average_score": total / count if count else 0.0,
+        "accuracy": yes / (yes + no) if complete and yes + no else None,
+        "average_score": total / count if complete and count else None,
         "yes": yes,
         "no": no,
         "judged": count,
+        "unusable": unusable,
+        "missing": missing,
+        "complete": complete,
+    }
+
+
+def read_judge_reply_lmms_eval(text: str) -> tuple[Any, int]:
+    """lmms-eval's reading: the text between the first '{' and the next '}', `ast.literal_eval`-ed, then
+    (pred, int(score)) with pred set to "yes"/"no" when it contains them. JudgeReplyError on any failure."""
+    try:
+        verdict = ast.literal_eval("{" + text.split("{")[1].split("}")[0] + "}")
+        score = int(verdict["score"])
+        pred = verdict["pred"]
+        low = pred.lower()
+    except (*_LITERAL_ERRORS, *_VERDICT_ERRORS) as err:
+        raise JudgeReplyError(f"judge reply not readable by lmms-eval's rule: {text[:200]!r}") from err
+    return ("yes" if "yes" in low else "no" if "no" in low else pred), score
+
+
+def judge_summary_lmms_eval(replies: Sequence[str | None]) -> dict[str, Any]:
+    """lmms-eval's totals: a failed request or unreadable reply is ("no", 0); accuracy = yes / (yes + no)
+    (0 when neither), mean score over every question."""
+    yes = no = total = failures = 0
+    for text in replies:
+        try:
+            if text is None:
+                raise JudgeReplyError("no reply")
+            pred, score = read_judge_reply_lmms_eval(text)
+        except JudgeReplyError:
+            pred, score = "no", 0
+            failures += 1
+        total += score
+        if "yes" in pred.lower():
+            yes += 1
+        elif "no" in pred.lower():
+            no += 1
+    count = len(replies)
+    return {
+        "accuracy": (yes / (yes + no) if yes + no else 0.0) if count else None,
+        "average_score": total / count if count else None,
+        "yes": yes,
+        "no": no,
+        "judged": count,
+        "counted_as_no": failures,
+        "missing": 0,
+        "complete": True,
     }

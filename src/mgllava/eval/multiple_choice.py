@@ -3,7 +3,7 @@
 Formats read:
 - VLMEvalKit TSV, the files the MG-LLaVA reference evaluates (MMBench_DEV_EN.tsv, SEEDBench_IMG.tsv,
   MMStar.tsv, ScienceQA_TEST.tsv, AI2D_TEST.tsv): columns `index, question, [hint], A, B, ..., [answer],
-  [category], [l2-category], [split], image` with base64 images. A rotated MMBench copy has
+  [category], [l2-category or l2_category (MMStar)], [split], image` with base64 images. A rotated MMBench copy has
   `index = base + k * 1_000_000` and may store, instead of an image, the index of the row that holds it
   (a field shorter than 16 characters), as the reference's `get_image` resolves it.
 - SEED-Bench's own `SEED-Bench.json` (`questions[]` with `choice_a..d`, `data_type`, `question_type_id`;
@@ -11,7 +11,11 @@ Formats read:
 - ScienceQA's own `problems.json` (`{pid: {question, choices, answer, hint, image, split, subject}}`;
   questions with an image in the chosen split; images at `<--images>/<pid>/<image>`).
 
-Prompt (SPEC section 9, the reference's `MGLLaVAProxyEvalDataset`):
+Box ids (docs/benchmarks.md): a TSV row's `index`, as the reference's box files key every row (a rotated
+copy then tries its base row's index); the native JSON files lack that index, so their samples are filed
+under their image path.
+
+Prompt (docs/design.md section 9, the reference's `MGLLaVAProxyEvalDataset`):
 `<image>\\n[hint\\n]question\\nA. ...\\nB. ...\\nAnswer with the option's letter from the given choices directly.`
 (the Chinese instruction `请直接回答选项字母。` when the text holds a CJK character, as the reference does).
 
@@ -20,11 +24,15 @@ strings ("", "NA", "N/A", "None", "null", "nan", ...) counts as missing, so such
 out of the prompt; every row where this dropped a non-empty text is listed under `pandas_na_fields`.
 Deviation: pandas turns an all-number column with gaps into floats ("2" -> "2.0"); we keep fields as written.
 
-Scoring: every benchmark goes through CircularEval by `index % 1_000_000` as in the reference (files without
-rotated copies reduce to plain accuracy, and the metric is then named "accuracy"); a question counts when
-every rotation's extracted letter equals that row's answer. Per-category tables use `category` and
-`l2-category`, per split. A TSV without answers (MMBench test) is written out as the xlsx the MMBench
-server takes (LLaVA's `convert_mmbench_for_submission` layout).
+Scoring: the letter of each answer is read by a choice rule (`metrics.CHOICE_RULES`; the benchmark's rule
+under the `--scoring` pipeline, or `--choice-rule`). Every benchmark goes through CircularEval by
+`index % 1_000_000` as VLMEvalKit does (files without rotated copies reduce to plain accuracy, and the metric
+is then named "accuracy"); a question counts when every rotation's letter equals that row's answer. With
+rotations, the vanilla accuracy of the original rows (VLMEvalKit's "vanilla_0") is reported beside it.
+The headline is the mean over questions (micro); the mean of the per-category accuracies (macro, MMStar's
+six core capabilities weigh the same) is reported for every category column. Per-category tables use
+`category` and `l2-category` / `l2_category`, per split. A TSV without answers (MMBench test) is written out
+as the xlsx the MMBench server takes (LLaVA's `convert_mmbench_for_submission` layout).
 """
 
 from __future__ import annotations
@@ -38,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from ..data.templates import IMAGE_TOKEN
-from .metrics import CHOICE_RULES, circular_correct, circular_key, extract_choice
+from .metrics import CHOICE_RULES, CIRCULAR_BASE, circular_correct, circular_key, extract_choice
 from .samples import Issue, Loaded, Sample, decode_base64, media_path, read_json, tag_in_text
-from .scoring import by_category, mean_percent
+from .scoring import by_category, macro_percent, mean_percent
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 MC_SUFFIX_CN = "请直接回答选项字母。"
@@ -48,6 +56,7 @@ PANDAS_NA = frozenset(
     ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
      "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 )  # fmt: skip
+CATEGORY_COLUMNS = ("category", "l2-category", "l2_category")  # MMBench, SEED, AI2D, SQA; MMStar
 _CJK = re.compile("[\u4e00-\u9fff]")
 _LETTERS = string.ascii_uppercase
 
@@ -179,7 +188,7 @@ class _TsvBuilder:
             "options": options,
             "answer": answer.strip() if answer is not None else None,
         }
-        for column in ("category", "l2-category", "split"):
+        for column in (*CATEGORY_COLUMNS, "split"):
             if _field(row, column) is not None:
                 meta[column] = row[column]
         image = None
@@ -189,9 +198,10 @@ class _TsvBuilder:
             key=str(index),
             prompt=mc_prompt(row["question"], options, _field(row, "hint")),
             image=image,
-            box_id=str(index),
+            box_id=str(index),  # the reference's box files have one record per TSV row, keyed by `index`
             answers=[meta["answer"]] if meta["answer"] is not None else None,
             meta=meta,
+            alt_box_ids=(meta["group"],),  # a rotated copy shows its base row's image
         )
 
     def resolve_images(self) -> None:
@@ -242,6 +252,7 @@ def load_tsv(path: str | Path, images_dir: str | None = None) -> Loaded:
     copies = sum(1 for s in builder.samples if s.meta["index"] >= 1_000_000)
     info = {
         "format": "VLMEvalKit TSV",
+        "box_ids": "the TSV `index` (a rotated copy then tries its base row's index)",
         "circular_copies": copies,
         "has_answers": builder.has_answer,
         "pandas_na_fields": builder.na_rows,
@@ -278,12 +289,17 @@ def load_seed_json(path: str | Path, images_dir: str | None = None) -> Loaded:
                 key=key,
                 prompt=mc_prompt(q["question"], options),
                 image=media_path(images_dir, q["data_id"]),
-                box_id=key,
+                box_id=q["data_id"],  # not the reference's key (the TSV `index`, which this file lacks)
                 answers=[q["answer"]],
                 meta={"group": key, "options": options, "answer": q["answer"], "category": category},
             )
         )
-    return Loaded(samples, issues, {"format": "SEED-Bench.json", "video_questions_skipped": skipped})
+    info = {
+        "format": "SEED-Bench.json",
+        "box_ids": "the image's `data_id` (SEED-Bench.json has no TSV `index`)",
+        "video_questions_skipped": skipped,
+    }
+    return Loaded(samples, issues, info)
 
 
 def _native_problem(question: Any, options: dict[str, Any], answer: Any, image: Any) -> str | None:
@@ -327,12 +343,17 @@ def load_scienceqa_json(path: str | Path, images_dir: str | None = None, split: 
                 key=str(pid),
                 prompt=mc_prompt(p["question"], options, hint),
                 image=media_path(images_dir, f"{pid}/{p['image']}"),
-                box_id=str(pid),
+                box_id=f"{pid}/{p['image']}",  # not the reference's key (the TSV `index`, not in this file)
                 answers=[letter],
                 meta={"group": str(pid), "options": options, "answer": letter, "category": p.get("subject")},
             )
         )
-    return Loaded(samples, issues, {"format": "ScienceQA problems.json", "split": split})
+    info = {
+        "format": "ScienceQA problems.json",
+        "box_ids": "the image path `<pid>/<image>` (problems.json has no TSV `index`)",
+        "split": split,
+    }
+    return Loaded(samples, issues, info)
 
 
 def load_multiple_choice(path: str | Path, images_dir: str | None = None) -> Loaded:
@@ -375,16 +396,33 @@ def score_multiple_choice(
         "metric": "circular_accuracy" if rotated else "accuracy",
         "score": mean_percent([float(v) for v in hits.values()]),
         "scored": len(hits),
-        "rules": {"choice_extraction": rule, "choice_extraction_rule": CHOICE_RULES[rule]},
+        "rules": {"choice_extraction": rule, "choice_extraction_rule": CHOICE_RULES[rule].description},
         "categories": _categories(mains, hits),
+        "macro_accuracy": _macro(mains, hits),
         "no_ground_truth": sorted(no_gt, key=_numeric_first),
         "incomplete_questions": sorted(set(incomplete) | broken, key=_numeric_first),
-        "unparsed_predictions": sum(1 for letter in rows.values() if letter is None),
+        # None, VLMEvalKit's "Z" (refusal / none of the options) or the reference's runs like "ABC"
+        "unparsed_predictions": sum(
+            1 for s in loaded.samples if s.key in rows and rows[s.key] not in s.meta["options"]
+        ),
         "extracted": rows,
     }
     if rotated:
         result["rules"]["circular"] = "rows grouped by index % 1000000; right only if every rotation is right"
+        result["vanilla_accuracy"] = _vanilla(loaded.samples, rows)
     return result
+
+
+def _vanilla(samples: list[Sample], letters: dict[str, str | None]) -> dict[str, Any]:
+    """Plain accuracy of the original rows (index < 1,000,000) that were answered and have an answer:
+    VLMEvalKit's "vanilla_0" (PRINT_VANILLA=1), the number a benchmark without rotations would give."""
+    firsts = [
+        s
+        for s in samples
+        if s.meta.get("index", 0) < CIRCULAR_BASE and s.key in letters and s.meta["answer"] is not None
+    ]
+    hits = [float(letters[s.key] == s.meta["answer"]) for s in firsts]
+    return {"score": mean_percent(hits), "n": len(hits), "rows": "index < 1000000 (the unrotated copies)"}
 
 
 def _numeric_first(key: str) -> tuple[int, Any]:
@@ -398,12 +436,22 @@ def _main_row(members: list[Sample]) -> Sample:
 def _categories(mains: dict[str, Sample], hits: dict[str, bool]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     splits = sorted({m.meta.get("split") for m in mains.values() if m.meta.get("split") is not None})
-    for column in ("category", "l2-category"):
+    for column in CATEGORY_COLUMNS:
         table = by_category((mains[g].meta.get(column), float(h)) for g, h in hits.items())
         if table:
             out[column] = table
     if len(splits) > 1:
         out["split"] = by_category((mains[g].meta.get("split"), float(h)) for g, h in hits.items())
+    return out
+
+
+def _macro(mains: dict[str, Sample], hits: dict[str, bool]) -> dict[str, float]:
+    """Per category column: the mean of the category accuracies (each category weighs the same)."""
+    out = {}
+    for column in CATEGORY_COLUMNS:
+        value = macro_percent((mains[g].meta.get(column), float(h)) for g, h in hits.items())
+        if value is not None:
+            out[column] = value
     return out
 
 

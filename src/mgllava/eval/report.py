@@ -1,6 +1,7 @@
 """Results of one evaluation: the JSON record and its markdown table.
 
-`results.json` says what was scored and by which rule, the score and per-category scores, and accounts for
+`results.json` says what was scored, by which scoring pipeline (`scoring`: its name and what it does) and by
+which rules, the score and per-category scores, and accounts for
 every sample: answered and scored, invalid in the input (with the reason), failed (image or video unreadable,
 prompt too long; with the reason), not answered yet (`missing`), or without ground truth. Its numbers are
 percentages rounded to 4 decimals; it holds no timings, so identical answers give an identical file.
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .samples import Loaded
+from .scoring import SCORING
 
 _STANDARD = {"metric", "score", "scored", "rules", "categories", "no_ground_truth", "per_sample", "extracted"}
 
@@ -38,6 +40,7 @@ def build_results(
         "data": opts.data,
         "metric": scored["metric"],
         "score": scored["score"],
+        "scoring": {"pipeline": opts.scoring, "description": SCORING[opts.scoring]},
         "counts": {
             "samples": len(keys),
             "invalid": len(loaded.issues),
@@ -68,6 +71,23 @@ def _score(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _judge_line(summary: dict[str, Any]) -> str:
+    text = f"accuracy {_score(summary['accuracy'])}"
+    if "average_score" in summary:
+        text += f", mean score {_score(summary['average_score'])}"
+    text += f" ({summary['judged']} judged"
+    if summary.get("unusable"):
+        text += f", {summary['unusable']} verdicts without a usable score or pred"
+    if summary.get("counted_as_no"):
+        text += f", {summary['counted_as_no']} failures counted as 'no' with score 0"
+    if summary.get("missing"):
+        text += (
+            f"; no score: {summary['missing']} questions without a readable verdict, which the official "
+            "scripts would keep asking about - run again to ask again"
+        )
+    return text + ")"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     counts = results["counts"]
     lines = [
@@ -78,7 +98,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"| benchmark | `{results['benchmark']}` |",
         f"| model | `{results['model']}` |",
         f"| score | **{_score(results['score'])}** ({results['metric']}, {counts['scored']} scored) |",
+        f"| scoring pipeline | `{results['scoring']['pipeline']}`: {results['scoring']['description']} |",
     ]
+    if results.get("vanilla_accuracy"):
+        v = results["vanilla_accuracy"]
+        lines.append(f"| vanilla accuracy (unrotated rows only) | {_score(v['score'])} ({v['n']} rows) |")
+    for column, value in results.get("macro_accuracy", {}).items():
+        lines.append(f"| macro accuracy over {column} | {_score(value)} (every {column} weighs the same) |")
     for name, rule in results["rules"].items():
         lines.append(f"| {name} | {str(rule).replace('|', '/')} |")
     lines.append(
@@ -94,11 +120,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{b['missing']} without boxes (zero-box fallback) |"
         )
     for judge, summary in results.get("judges", {}).items():
-        extra = f", mean score {summary['average_score']:.2f}" if "average_score" in summary else ""
-        failed = f", {len(summary['failed'])} failed" if summary.get("failed") else ""
-        lines.append(
-            f"| judge `{judge}` | accuracy {_score(summary['accuracy'])}{extra} ({summary['judged']} judged{failed}) |"
-        )
+        lines.append(f"| judge `{judge}` | {_judge_line(summary)} |")
     if "unparsed_predictions" in results:
         lines.append(
             f"| answers with no option letter | {results['unparsed_predictions']} (scored as wrong) |"

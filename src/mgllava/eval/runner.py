@@ -16,8 +16,12 @@ answers of two models.
 Decoding is greedy with no system prompt, the prompt encoded as the reference does (BOS, the chat template's
 instruction around the benchmark text, tokenised in pieces around the `<image>` tag): one user turn through
 `inference.Engine`. Boxes: a sample's boxes are looked up in `--boxes` by the one rule of `boxes.lookup`
-(its box id and group id, its image path, its content hash); images the file lacks are counted and listed
-in the results, and more than `--max-missing-boxes` of them stop the run before anything is written.
+(its box ids - the key the reference's box file uses for this benchmark, docs/benchmarks.md - then its image
+path, its content hash); images the file lacks are counted and listed in the results, and more than
+`--max-missing-boxes` of them stop the run before anything is written. A box file that matches no sample at
+all is refused whatever the threshold, with an error naming the key this benchmark's samples are filed
+under. The boxes then go through the benchmark's box settings (the reference's: `--box-limit` etc.), set on
+the engine's image processor and recorded in the results.
 A sample whose image or video cannot be read, or whose prompt does not fit, gets an error line instead of an
 answer: it is retried on the next run and, while it fails, listed in the results (never scored). A batch that fails is retried one
 sample at a time so that one bad sample does not cost its neighbours. Results files hold no timings, so a
@@ -36,11 +40,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..boxes.lookup import BoxLookup, ImageKey
+from ..boxes.lookup import BoxLookup, ImageKey, MissingBoxes
 from ..inference.engine import Engine, GenerationSettings
 from ..utils import dist
 from ..utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
-from .benchmarks import Benchmark, EvalOptions, get_benchmark
+from .benchmarks import Benchmark, EvalOptions, box_settings, describe_box_settings, get_benchmark
 from .report import build_results, render_markdown
 from .samples import Loaded, Sample, limit_samples
 from .video_qa import find_video
@@ -70,13 +74,16 @@ GenerateFn = Callable[[list[Request]], list[str]]
 
 
 # -- boxes --------------------------------------------------------------------------------------------------
-def _box_ids(sample: Sample) -> list[str]:
-    return [i for i in dict.fromkeys((sample.box_id, sample.meta.get("group"))) if i is not None]
-
-
-def find_boxes(samples: list[Sample], lookup: BoxLookup | None, max_missing: float) -> dict[str, Any]:
-    """Every sample's boxes by key, looked up before anything is answered; `MissingBoxes` when more than
-    `max_missing` of the samples find none (a box file keyed for other ids, say)."""
+def find_boxes(
+    samples: list[Sample],
+    lookup: BoxLookup | None,
+    max_missing: float,
+    bench: Benchmark | None = None,
+    loaded: Loaded | None = None,
+) -> dict[str, Any]:
+    """Every sample's boxes by key, looked up (by `Sample.box_ids`, then path and content) before anything
+    is answered. `MissingBoxes` when the file matches no sample at all, or when more than `max_missing` of
+    the samples find none; the message names the key `bench` is filed under (docs/benchmarks.md)."""
     if lookup is None:
         return {}
     found: dict[str, Any] = {}
@@ -86,14 +93,39 @@ def find_boxes(samples: list[Sample], lookup: BoxLookup | None, max_missing: flo
                 path = find_video(sample.video)
             except FileNotFoundError:
                 path = sample.video
-            found[sample.key] = lookup.video(_box_ids(sample), path)
+            found[sample.key] = lookup.video(sample.box_ids, path)
         elif sample.image is not None:
             key = ImageKey.of(
-                sample.image, _box_ids(sample), sample.image if isinstance(sample.image, str) else None
+                sample.image, sample.box_ids, sample.image if isinstance(sample.image, str) else None
             )
             found[sample.key] = lookup.image(key)
-    lookup.check_missing(max_missing, "benchmark samples")
+    summary = lookup.summary()
+    if summary["looked_up"] and not sum(summary["found"].values()):
+        raise MissingBoxes(
+            f"box file {lookup.name} matches none of the {summary['looked_up']} samples: "
+            f"{_key_hint(samples, lookup, bench, loaded)}"
+        )
+    try:
+        lookup.check_missing(max_missing, "benchmark samples")
+    except MissingBoxes as err:
+        raise MissingBoxes(f"{err}. {_key_hint(samples, lookup, bench, loaded)}") from None
     return found
+
+
+def _key_hint(
+    samples: list[Sample], lookup: BoxLookup, bench: Benchmark | None, loaded: Loaded | None
+) -> str:
+    """Which ids the samples were looked up by and which the file has, and the reference's key."""
+    ours = [i for s in samples[:3] for i in s.box_ids[:1]]
+    theirs = list(lookup.index.by_id)[:3]
+    rule = (loaded.info.get("box_ids") if loaded is not None else None) or "their box ids"
+    text = (
+        f"the samples were looked up by {rule} (e.g. {', '.join(map(repr, ours)) or 'none'}), then by image "
+        f"path and content; the file's ids look like {', '.join(map(repr, theirs)) or '(none)'}"
+    )
+    if bench is not None:
+        text += f". For {bench.title}, box files are keyed by {bench.box_key} (docs/benchmarks.md)"
+    return text
 
 
 def prepare(sample: Sample, boxes: Any = None) -> Request:
@@ -129,11 +161,15 @@ class EngineGenerator:
 
 
 def load_generator(opts: EvalOptions, max_new_tokens: int, proposer: Any = None) -> EngineGenerator:
-    """The saved MG-LLaVA folder `opts.model` behind an engine, ready for greedy answers."""
+    """The saved MG-LLaVA folder `opts.model` behind an engine, ready for greedy answers, its image
+    processor set to the benchmark's box settings (`benchmarks.box_settings`)."""
     if opts.model is None:
         raise ValueError("--model is required to generate answers (or pass --score-only)")
     device = opts.device or str(dist.info().device)
-    engine = Engine.from_pretrained(opts.model, dtype=opts.dtype, device=device, proposer=proposer)
+    settings = box_settings(get_benchmark(opts.benchmark), opts)
+    engine = Engine.from_pretrained(
+        opts.model, dtype=opts.dtype, device=device, proposer=proposer, box_settings=settings
+    )
     return EngineGenerator(engine, max_new_tokens)
 
 
@@ -194,6 +230,9 @@ def _generate_shard(
 
 # -- the run ------------------------------------------------------------------------------------------------
 def _check(opts: EvalOptions) -> None:
+    if not 0.0 <= opts.max_missing_boxes <= 1.0:
+        raise ValueError(f"--max-missing-boxes is a share in [0, 1], got {opts.max_missing_boxes}")
+    get_benchmark(opts.benchmark).check(opts)  # scoring settings, refused before anything is generated
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
@@ -206,7 +245,7 @@ def _check(opts: EvalOptions) -> None:
         raise FileNotFoundError(f"--images {opts.images}: no such folder")
 
 
-def _check_folder(out: Path, opts: EvalOptions, max_new: int) -> dict[str, Any]:
+def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, Any]) -> dict[str, Any]:
     """What the answers in `out` were made with; answers made otherwise are never mixed in (ValueError)."""
 
     def path(value: str | None) -> str | None:
@@ -217,6 +256,7 @@ def _check_folder(out: Path, opts: EvalOptions, max_new: int) -> dict[str, Any]:
         "data": path(opts.data),
         "model": path(opts.model),
         "boxes": path(opts.boxes),
+        "box_settings": boxes,
         "ocr": path(opts.ocr),
         "prompt": opts.prompt,
         "split": opts.split,
@@ -245,11 +285,12 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
     _check(opts)
     info = dist.init()
     bench, loaded = load_benchmark(opts)
+    settings = box_settings(bench, opts)
     max_new = opts.max_new_tokens or bench.max_new_tokens
     out = Path(opts.out)
-    stamp = _check_folder(out, opts, max_new)
+    stamp = _check_folder(out, opts, max_new, settings)
     lookup = BoxLookup.load(opts.boxes) if opts.boxes else None
-    boxes = find_boxes(loaded.samples, lookup, opts.max_missing_boxes)
+    boxes = find_boxes(loaded.samples, lookup, opts.max_missing_boxes, bench, loaded)
     done = read_records(out)
     dist.barrier()  # every rank has read what is on disk before anyone appends
     todo = [s for s in loaded.samples if "prediction" not in done.get(s.key, {})]
@@ -270,7 +311,7 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
         for record in records:
             if "prediction" in record or "prediction" not in done.get(record["key"], {}):
                 done[record["key"]] = record
-    results = _finish(bench, opts, loaded, done, out, max_new, lookup)
+    results = _finish(bench, opts, loaded, done, out, max_new, lookup, settings)
     answered = sum(len(r) for r in gathered)
     run = {
         "world_size": info.world_size,
@@ -291,11 +332,15 @@ def _finish(
     records: dict[str, dict[str, Any]],
     out: Path,
     max_new: int,
-    lookup: BoxLookup | None = None,
+    lookup: BoxLookup | None,
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
     predictions = {k: r["prediction"] for k, r in records.items() if "prediction" in r}
     scored = bench.score(loaded, predictions, opts, out)
     results = build_results(bench, opts, loaded, records, scored, max_new)
+    results["rules"]["box_ids"] = loaded.info.get("box_ids", "the sample id")
+    results["rules"]["box_settings"] = describe_box_settings(settings)
+    results["box_settings"] = settings
     if lookup is not None:
         results["boxes"] = lookup.summary()
     _write_predictions(loaded, records, scored, out / PREDICTIONS)

@@ -1,8 +1,9 @@
 """What every benchmark loader returns: samples to answer, and the input problems found while reading.
 
 A `Sample` is one model call: its key (unique within the benchmark, a string), the user text with its
-`<image>` or `<video>` tag, where its pixels come from, the id its boxes are filed under, its ground truth
-(None when the file has none, e.g. a test split) and whatever the scorer needs (`meta`). Loaders never
+`<image>` or `<video>` tag, where its pixels come from, the ids its boxes are filed under (`box_id`, then
+`alt_box_ids`, in order; docs/benchmarks.md says which id of each benchmark's file that is), its ground
+truth (None when the file has none, e.g. a test split) and whatever the scorer needs (`meta`). Loaders never
 raise on a bad row: they record an `Issue` naming the row and what is wrong, and go on; the results list
 every issue, so a bad row is never silently scored as right or wrong.
 """
@@ -25,9 +26,15 @@ class Sample:
     prompt: str  # user text, starting with "<image>\n" or "<video>\n"
     image: str | bytes | None = None  # a file path or encoded image bytes
     video: str | None = None  # a file path (or a name to resolve under the media folder)
-    box_id: str | None = None  # id of this sample's record in a box file
+    box_id: str | None = None  # id of this sample's record in a box file (the reference's key)
     answers: list[str] | None = None  # ground truth; None: not in the file
     meta: dict[str, Any] = field(default_factory=dict)
+    alt_box_ids: tuple[str, ...] = ()  # further ids of the same image, tried after `box_id` in order
+
+    @property
+    def box_ids(self) -> list[str]:
+        """The ids a box file is searched by, in order (`box_id` first), without repeats."""
+        return [i for i in dict.fromkeys((self.box_id, *self.alt_box_ids)) if i is not None]
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,17 @@ Formats read:
 - short-answer VQA JSONL (ours): one object a line, `{"id", "image", "question", "answers": [...],
   "category"?, "prompt"?}`; `prompt`, when present, is used as the question text verbatim.
 
-Prompts (SPEC section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`;
+Box ids (docs/benchmarks.md): TextVQA the image id (LLaVA's `question_id`; `image_id` of the official JSON),
+DocVQA the TSV `index` (the native JSON, which lacks it: the image path), VQAv2 the `question_id`.
+
+Prompts (docs/design.md section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`;
 TextVQA's LLaVA variant puts `\\nReference OCR token: t1, t2, ...` between question and instruction (left
 out when an image has no OCR tokens); a LLaVA question file's `text` is used as it is.
 
-Scores: TextVQA `textvqa_accuracy` (LLaVA's M4C evaluator); DocVQA `anls`; VQAv2 val: the prediction goes
-through the EvalAI answer processor (as into the upload file), then official `vqa_accuracy`, with the
-official per-answer-type table; short-answer JSONL: `--metric` exact (default), vqa or anls.
+Scores: TextVQA `textvqa_accuracy` (M4C); DocVQA `anls`; VQAv2 val: VQA accuracy of the chosen pipeline
+(`--scoring`: official vqaEval.py, llava = EvalAI processor first, lmms-eval), with the official
+per-answer-type table; VQAv2 test-dev: the upload file, answers as the pipeline writes them; short-answer
+JSONL: `--metric` exact (default), vqa (the pipeline's), anls or textvqa.
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ from typing import Any
 
 from ..data.templates import IMAGE_TOKEN
 from ..utils.io import JsonlError, atomic_write_json, atomic_write_text, read_jsonl
-from .metrics import anls, evalai_normalize, exact_match, textvqa_accuracy, vqa_accuracy
+from .metrics import anls, exact_match, textvqa_accuracy
 from .multiple_choice import read_tsv
 from .samples import Issue, Loaded, Sample, decode_base64, expect, media_path, read_json, tag_in_text
-from .scoring import by_category, mean_percent
+from .scoring import (
+    DEFAULT_SCORING,
+    UPLOAD_RULES,
+    VQA_ACCURACY,
+    VQA_RULES,
+    by_category,
+    check_scoring,
+    mean_percent,
+    upload_answer,
+)
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 OCR_PREFIX = "Reference OCR token: "
@@ -127,12 +140,12 @@ def load_textvqa(
                 key=key,
                 prompt=short_prompt(item["question"], [str(t) for t in ocr_list or []]),
                 image=media_path(images_dir, f"{image_id}.jpg"),
-                box_id=key,
+                box_id=image_id,  # the reference keys TextVQA by LLaVA's `question_id`, which is the image id
                 answers=_answers(item.get("answers")),
                 meta={},
             )
         )
-    info = {"format": "TextVQA JSON", "prompt": variant}
+    info = {"format": "TextVQA JSON", "prompt": variant, "box_ids": "`image_id` (LLaVA's `question_id`)"}
     return Loaded(samples, issues, info)
 
 
@@ -190,7 +203,8 @@ def _load_llava_questions(
         samples.append(
             Sample(key, f"{IMAGE_TOKEN}\n{text}", media_path(images_dir, image), None, str(qid), gt, {})
         )
-    return Loaded(samples, issues, {"format": what})
+    info = {"format": what, "box_ids": "`question_id` (in LLaVA's TextVQA file: the image id)"}
+    return Loaded(samples, issues, info)
 
 
 # -- DocVQA -------------------------------------------------------------------------------------------------
@@ -217,12 +231,13 @@ def load_docvqa(path: str | Path, images_dir: str | None = None) -> Loaded:
                 key=key,
                 prompt=short_prompt(item["question"]),
                 image=media_path(images_dir, item["image"]),
-                box_id=key,
+                box_id=item["image"],  # not the reference's key (the TSV `index`, which this file lacks)
                 answers=_answers(item.get("answers")),
                 meta={"question_types": list(item.get("question_types") or [])},
             )
         )
-    return Loaded(samples, issues, {"format": "DocVQA JSON"})
+    info = {"format": "DocVQA JSON", "box_ids": "the `image` path (val_v1.0.json has no TSV `index`)"}
+    return Loaded(samples, issues, info)
 
 
 def _tsv_answers(text: str | None) -> list[str] | None:
@@ -254,6 +269,7 @@ def _load_docvqa_tsv(path: str | Path) -> Loaded:
     for s in samples:
         value = images[s.key]
         while len(value) < 16 and value in images:  # a row that points at another row's image
+            s.alt_box_ids += (value,)  # ... and so may find its boxes under that row's index
             value = images[value]
         try:
             s.image = decode_base64(value)
@@ -261,7 +277,7 @@ def _load_docvqa_tsv(path: str | Path) -> Loaded:
             issues.append(Issue(s.key, str(err)))
             continue
         keep.append(s)
-    return Loaded(keep, issues, {"format": "VLMEvalKit TSV"})
+    return Loaded(keep, issues, {"format": "VLMEvalKit TSV", "box_ids": "the TSV `index`"})
 
 
 # -- VQAv2 --------------------------------------------------------------------------------------------------
@@ -305,7 +321,8 @@ def load_vqav2(
                 },
             )
         )
-    return Loaded(samples, issues, {"format": "VQAv2 JSON", "subtype": subtype})
+    info = {"format": "VQAv2 JSON", "subtype": subtype, "box_ids": "`question_id`"}
+    return Loaded(samples, issues, info)
 
 
 def _vqav2_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -336,15 +353,20 @@ def _load_llava_vqav2(path: str | Path, images_dir: str | None, annotations: str
         samples.append(
             Sample(key, f"{IMAGE_TOKEN}\n{text}", media_path(images_dir, image), None, key, answers, meta)
         )
-    return Loaded(samples, issues, {"format": "LLaVA VQAv2 question file"})
+    return Loaded(samples, issues, {"format": "LLaVA VQAv2 question file", "box_ids": "`question_id`"})
 
 
 def write_vqav2_upload(
-    loaded: Loaded, predictions: dict[str, str], path: str | Path, extra_questions: str | Path | None = None
+    loaded: Loaded,
+    predictions: dict[str, str],
+    path: str | Path,
+    extra_questions: str | Path | None = None,
+    scoring: str = DEFAULT_SCORING,
 ) -> tuple[Path, list[str]]:
-    """EvalAI's VQAv2 upload file: `[{"question_id": int, "answer": str}]`, answers through the EvalAI
-    processor; questions without a prediction get "" (as LLaVA's converter does) and are returned.
-    `extra_questions` (e.g. the full test2015 questions file) adds ids the server expects but we did not run."""
+    """EvalAI's VQAv2 upload file: `[{"question_id": int, "answer": str}]`, answers as the `scoring` pipeline
+    writes them (`scoring.upload_answer`); questions without a prediction get "" (as LLaVA's converter does)
+    and are returned. `extra_questions` (e.g. the full test2015 questions file) adds ids the server expects
+    but we did not run."""
     entries, empty = [], []
     ids = [(s.key, s.meta.get("question_id", s.key)) for s in loaded.samples]
     if extra_questions is not None:
@@ -357,7 +379,7 @@ def write_vqav2_upload(
         text = predictions.get(key)
         if text is None:
             empty.append(key)
-        entries.append({"question_id": _int_or(qid), "answer": evalai_normalize(text) if text else ""})
+        entries.append({"question_id": _int_or(qid), "answer": upload_answer(scoring, text) if text else ""})
     return atomic_write_json(path, entries, indent=None), empty
 
 
@@ -392,7 +414,7 @@ def load_short_vqa(path: str | Path, images_dir: str | None = None) -> Loaded:
         samples.append(
             Sample(key, prompt, media_path(root, rec["image"]), None, key, _answers(rec.get("answers")), meta)
         )
-    return Loaded(samples, issues, {"format": "short-answer VQA JSONL"})
+    return Loaded(samples, issues, {"format": "short-answer VQA JSONL", "box_ids": "`id`"})
 
 
 def write_short_vqa(records: list[dict[str, Any]], path: str | Path) -> Path:
@@ -409,29 +431,46 @@ def write_short_vqa(records: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
-SHORT_METRICS: dict[str, tuple[Callable[[str, list[str]], float], str]] = {
-    "exact": (exact_match, "normalised exact match: EvalAI answer processor on both sides, any answer"),
-    "vqa": (vqa_accuracy, "official VQA accuracy (vqaEval.py), min(1, matches/3) over leave-one-out subsets"),
-    "anls": (anls, "ANLS, threshold 0.5 (Robust Reading Competition script)"),
-    "textvqa": (
-        textvqa_accuracy,
-        "TextVQA accuracy of LLaVA's m4c_evaluator (EvalAI processor on both sides)",
-    ),
-    "vqav2": (
-        lambda p, a: vqa_accuracy(evalai_normalize(p), a),
-        "EvalAI answer processor on the prediction (as in the upload file), then official vqaEval.py accuracy",
-    ),
+SHORT_METRICS: dict[str, str] = {
+    "exact": "normalised exact match: EvalAI answer processor on both sides, any answer (M4C STVQA accuracy)",
+    "vqa": "VQA accuracy of the --scoring pipeline",
+    "anls": "ANLS, threshold 0.5 (Robust Reading Competition script)",
+    "textvqa": "TextVQA accuracy (M4C TextVQAAccuracyEvaluator: EvalAI processor on both sides, soft score)",
 }
+_SAME_EVERYWHERE = "same in every pipeline"
+
+
+def short_metric(
+    metric: str, scoring: str = DEFAULT_SCORING
+) -> tuple[Callable[[str, list[str]], float], dict[str, str]]:
+    """The per-sample function of `metric` under `scoring`, and the rules to name in the results."""
+    check_scoring(scoring)
+    if metric == "vqa":
+        return VQA_ACCURACY[scoring], {"metric": VQA_RULES[scoring], "scoring": scoring}
+    functions = {"exact": exact_match, "anls": anls, "textvqa": textvqa_accuracy}
+    if metric not in functions:
+        raise ValueError(f"unknown metric {metric!r}; available: {', '.join(SHORT_METRICS)}")
+    return functions[metric], {"metric": SHORT_METRICS[metric], "scoring": f"{scoring} ({_SAME_EVERYWHERE})"}
+
+
+def upload_rules(scoring: str) -> dict[str, str]:
+    return {
+        "upload": UPLOAD_RULES[check_scoring(scoring)] + "; questions without one get ''",
+        "scoring": scoring,
+    }
 
 
 def score_short_answer(
-    loaded: Loaded, predictions: dict[str, str], metric: str, category_fields: tuple[str, ...] = ()
+    loaded: Loaded,
+    predictions: dict[str, str],
+    metric: str,
+    category_fields: tuple[str, ...] = (),
+    scoring: str = DEFAULT_SCORING,
 ) -> dict[str, Any]:
-    """Mean of `metric` over predicted samples that have ground truth; per-category tables by meta fields
-    (a list-valued field, like DocVQA's question_types, puts a sample in each of its categories)."""
-    if metric not in SHORT_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; available: {', '.join(SHORT_METRICS)}")
-    fn, description = SHORT_METRICS[metric]
+    """Mean of `metric` (under the `scoring` pipeline) over predicted samples that have ground truth;
+    per-category tables by meta fields (a list-valued field, like DocVQA's question_types, puts a sample in
+    each of its categories)."""
+    fn, rules = short_metric(metric, scoring)
     values: dict[str, float] = {}
     no_gt = []
     for sample in loaded.samples:
@@ -457,7 +496,7 @@ def score_short_answer(
         "metric": metric,
         "score": mean_percent(list(values.values())),
         "scored": len(values),
-        "rules": {"metric": description},
+        "rules": rules,
         "categories": categories,
         "no_ground_truth": no_gt,
         "per_sample": {k: round(v, 6) for k, v in values.items()},

@@ -4,14 +4,19 @@ Format (Video-ChatGPT / Video-LLaVA `test_q.json` + `test_a.json`): `--data` is 
 `{"video_name", "question_id", "question"}`, `--annotations` a list of `{"question_id", "answer", ...}`.
 Answers are matched by `question_id` (the reference pairs the two lists by position; an answer file without
 ids is paired by position too, and the results say so). Videos are looked up under `--images` as
-`<video_name>` or `<video_name>.<ext>` for the usual extensions; boxes by the video's file stem.
+`<video_name>` or `<video_name>.<ext>` for the usual extensions; boxes by `video_name`, the key of the
+reference's video box files (their `video` without its extension; docs/benchmarks.md).
 
 Prompt (the reference's `VideoObjectLLaVAProxyEvalDataset`): `<video>\\n{question}`, 8 frames, greedy,
-at most 50 new tokens.
+at most 100 new tokens (the reference model's `evaluate_max_tokens` default; its 13B config sets 50 for every
+benchmark, so pass `--max-new-tokens 50` to reproduce the 13B model's runs).
 
 Scores: the rule judge (`metrics.rule_judge`, reported as `rule_contains_v1`) always; Video-ChatGPT's GPT
 judge (`judge.GptJudge`) when an endpoint is given - its accuracy and mean 0-5 score are reported under
-`gpt_judge:<model>`, and it is the headline number only then.
+`gpt_judge:<model>`, and it is the headline metric then. Judge failures count as the `--scoring` pipeline
+counts them (`scoring.JUDGE_RULES`): under official (and llava), a question without a readable verdict leaves
+the judge without a score - the official scripts keep asking until every question has one - and the results
+list those questions; under lmms-eval it counts as "no" with score 0.
 """
 
 from __future__ import annotations
@@ -21,9 +26,16 @@ from typing import Any
 
 from ..data.templates import VIDEO_TOKEN
 from .judge import GptJudge, JudgeItem, run_judge
-from .metrics import RULE_JUDGE, RULE_JUDGE_DESCRIPTION, judge_summary, rule_judge
+from .metrics import (
+    RULE_JUDGE,
+    RULE_JUDGE_DESCRIPTION,
+    JudgeReplyError,
+    read_judge_reply,
+    read_judge_reply_lmms_eval,
+    rule_judge,
+)
 from .samples import Issue, Loaded, Sample, media_path, read_json, tag_in_text
-from .scoring import mean_percent, percent
+from .scoring import DEFAULT_SCORING, JUDGE_RULES, JUDGE_SUMMARY, check_scoring, mean_percent, percent
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
@@ -64,12 +76,18 @@ def load_video_qa(
                 key=key,
                 prompt=f"{VIDEO_TOKEN}\n{q['question']}",
                 video=media_path(videos_dir, name),
-                box_id=Path(name).stem,
+                box_id=name,  # the reference: the box file's `video` without its extension == `video_name`
+                alt_box_ids=(Path(name).stem,),
                 answers=[answer] if isinstance(answer, str) else None,
                 meta={"question": str(q["question"]), "video_name": name},
             )
         )
-    return Loaded(samples, issues, {"format": "Video-ChatGPT QA JSON", "answers_paired_by": paired})
+    info = {
+        "format": "Video-ChatGPT QA JSON",
+        "answers_paired_by": paired,
+        "box_ids": "`video_name` (the box file's `video` without its extension)",
+    }
+    return Loaded(samples, issues, info)
 
 
 def _answers(path: str | Path | None, count: int) -> tuple[dict[str, Any], str]:
@@ -89,9 +107,14 @@ def _answers(path: str | Path | None, count: int) -> tuple[dict[str, Any], str]:
 
 
 def score_video_qa(
-    loaded: Loaded, predictions: dict[str, str], judge: GptJudge | None = None, out_dir: str | Path = "."
+    loaded: Loaded,
+    predictions: dict[str, str],
+    judge: GptJudge | None = None,
+    out_dir: str | Path = ".",
+    scoring: str = DEFAULT_SCORING,
 ) -> dict[str, Any]:
-    """Rule judge always; GPT judge when configured (headline metric then)."""
+    """Rule judge always; GPT judge when configured (headline metric then), counted as `scoring` counts."""
+    check_scoring(scoring)
     gradable = [s for s in loaded.samples if s.key in predictions and s.answers]
     no_gt = [s.key for s in loaded.samples if s.key in predictions and not s.answers]
     rule = {s.key: rule_judge(predictions[s.key], s.answers[0]) for s in gradable}
@@ -113,21 +136,43 @@ def score_video_qa(
     }
     if judge is not None:
         items = [JudgeItem(s.key, s.meta["question"], s.answers[0], predictions[s.key]) for s in gradable]
-        verdicts = run_judge(judge, items, out_dir)
-        ok = [v for v in verdicts.values() if "error" not in v]
-        failed = [{"id": k, "reason": v["error"]} for k, v in sorted(verdicts.items()) if "error" in v]
-        summary = judge_summary(ok)
+        records = run_judge(judge, items, out_dir, reask_unreadable=scoring != "lmms-eval")
+        replies = [records.get(i.key, {}).get("reply") for i in items]
+        summary = JUDGE_SUMMARY[scoring](replies)
+        failed = _judge_failures(items, records, scoring)
         judges[judge.name] = {
             **summary,
-            "accuracy": percent(summary["accuracy"]) if ok else None,
+            "accuracy": percent(summary["accuracy"]) if summary["accuracy"] is not None else None,
             "url": judge.base_url,
             "failed": failed,
-            "rule": "Video-ChatGPT evaluate_activitynet_qa.py prompts; yes/(yes+no), mean int(score)",
+            "rule": JUDGE_RULES[scoring],
         }
         result.update(
             metric=f"{judge.name}_accuracy",
             score=judges[judge.name]["accuracy"],
-            scored=len(ok),
-            rules={"judge": judges[judge.name]["rule"]},
+            scored=summary["judged"] if summary["complete"] else 0,
+            rules={"judge": JUDGE_RULES[scoring], "scoring": scoring},
         )
     return result
+
+
+def _judge_failures(
+    items: list[JudgeItem], records: dict[str, dict[str, Any]], scoring: str
+) -> list[dict[str, str]]:
+    """Questions without a verdict the pipeline can read, with the reason (official: they keep the judge
+    from a score; lmms-eval: they were counted as "no" with score 0)."""
+    read = read_judge_reply_lmms_eval if scoring == "lmms-eval" else read_judge_reply
+    counted = " (counted as 'no', score 0)" if scoring == "lmms-eval" else ""
+    failed = []
+    for item in items:
+        record = records.get(item.key) or {}
+        if "reply" not in record:
+            reason = record.get("error", "not judged")
+        else:
+            try:
+                read(record["reply"])
+                continue
+            except JudgeReplyError:
+                reason = f"reply that cannot be read: {str(record['reply'])[:200]!r}"
+        failed.append({"id": item.key, "reason": reason + counted})
+    return failed

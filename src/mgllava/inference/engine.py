@@ -23,7 +23,8 @@
   model then sees its zero-box fallback row, as the reference). Each image reports where its boxes came
   from (`request`, `box_file`, `proposer`, `missing` when a box file without detector lacks the image, or
   `none`) and the boxes that became object tokens (after NMS and capping) in its pixels, as the image
-  processor selects them (`MGLlavaImageProcessor.used_boxes`).
+  processor selects them (`MGLlavaImageProcessor.used_boxes`). `box_settings` sets the image processor's
+  `box_*` fields (NMS IoU, limit, cap) for this engine, e.g. a benchmark's reference settings in `mgllava eval`.
 
 The engine knows nothing of HTTP or terminals: errors in the caller's input are `EngineInputError`
 (a `ValueError` naming the input, with a `param` and a machine-readable `code`).
@@ -58,6 +59,7 @@ from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback, Text
 
 logger = logging.getLogger(__name__)
 ORIGINS = {"box_file": "box_file", "detector": "proposer", "missing": "missing"}  # Proposal.source -> report
+BOX_SETTINGS = ("box_nms_iou", "box_limit", "box_cap", "box_per_label", "box_empty_fallback", "invalid_boxes")
 
 FRAME_KEYS = ("pixel_values", "high_res_pixel_values", "object_boxes", "object_counts")
 SCHEDULING = ("continuous", "static")
@@ -183,6 +185,7 @@ class Engine:
         proposer: BoxProposer | None = None,
         *,
         max_image_pixels: int | None = None,
+        box_settings: dict[str, Any] | None = None,
         feature_cache_bytes: int = 1 << 30,
         encode_batch_size: int = 16,
         scheduling: str = "continuous",
@@ -195,6 +198,8 @@ class Engine:
         self.proposer = proposer
         if max_image_pixels is not None:
             processor.image_processor.max_image_pixels = max_image_pixels
+        if box_settings:
+            self._set_box_settings(box_settings)
         configure_generation(model, processor)
         self.features: LRUCache[torch.Tensor] = LRUCache(feature_cache_bytes)
         self.encode_batch_size = encode_batch_size
@@ -231,10 +236,21 @@ class Engine:
             raise ValueError(f"{path} holds a {type(model).__name__}, not an MG-LLaVA model")
         return cls(model.to(device), AutoProcessor.from_pretrained(path), proposer, **options)
 
+    def _set_box_settings(self, settings: dict[str, Any]) -> None:
+        """Set the image processor's box fields (`BOX_SETTINGS`); ValueError on an unknown or bad one."""
+        unknown = sorted(set(settings) - set(BOX_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown box settings {unknown}; known: {', '.join(BOX_SETTINGS)}")
+        image_processor = self.processor.image_processor
+        for name, value in settings.items():
+            setattr(image_processor, name, value)
+        _ = image_processor.box_options  # validates the combination now, not at the first image
+
     # -- properties -------------------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
+        """The model's `context_length`, else its LLM's `max_position_embeddings` (`max_sequence_length`)."""
+        return self.model.config.max_sequence_length
 
     @property
     def uses_object_tokens(self) -> bool:
@@ -263,7 +279,7 @@ class Engine:
         frames, frame_boxes, frame_origins = self._load_video(video, video_boxes)
         batch = self._encode(messages, pil, raw_boxes, frames, frame_boxes)
         ids = batch["input_ids"][0].tolist()
-        self._check_length(ids, settings)
+        self._check_length(ids, settings, bool(frames))
         image_report = [
             self._report(img, b, origin, video=False)
             for img, b, origin in zip(pil, raw_boxes, origins, strict=True)
@@ -381,13 +397,20 @@ class Engine:
         except ValueError as err:
             raise EngineInputError(str(err), "messages") from err
 
-    def _check_length(self, ids: list[int], settings: GenerationSettings) -> None:
+    def _check_length(self, ids: list[int], settings: GenerationSettings, has_video: bool) -> None:
         total = len(ids) + settings.max_new_tokens
         if total > self.context_length:
             visual = sum(1 for t in ids if t == self.model.config.image_token_id)
+            hint = ""
+            if has_video and self.model.config.context_length is None:
+                hint = (
+                    " (its LLM's max_position_embeddings); video needs a longer context_length, which video "
+                    "models set (preset mgllava-vicuna-7b-video, or `mgllava assemble --context-length`)"
+                )
             raise EngineInputError(
                 f"the prompt has {len(ids)} tokens ({visual} visual rows) and max_new_tokens is "
-                f"{settings.max_new_tokens}: {total} exceeds the model's context of {self.context_length} tokens",
+                f"{settings.max_new_tokens}: {total} exceeds the model's context of {self.context_length} tokens"
+                + hint,
                 "max_tokens",
                 "context_length_exceeded",
             )

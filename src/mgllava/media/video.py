@@ -1,4 +1,4 @@
-"""Video decoding: uniform frame sampling with PyAV, as the reference samples (SPEC section 8).
+"""Video decoding: uniform frame sampling with PyAV, as the reference samples (docs/design.md section 8).
 
     video file --PyAV--> num_frames RGB frames at linspace(0, n-1, num_frames).astype(int)
 

@@ -1,17 +1,22 @@
-"""`MGLlavaConfig`: the HF config of MG-LLaVA (SPEC sections 1-5).
+"""`MGLlavaConfig`: the HF config of MG-LLaVA (docs/design.md sections 1-5).
 
 Three sub-configs - the CLIP low-res tower (`vision_config`), the ConvNeXt high-res tower
 (`high_res_config`, its `image_size` is the high-res input side) and the LLM (`text_config`) - plus the
 new modules: `fusion` ("conv_gate", the paper's; ablations "none", "concat", "patch_info_mining",
 "resampler"), `object_tokens` ("concat", the paper's; ablations "off", "cross_attn_f2b", "cross_attn_b2f"), and
 `image_token_id`, the placeholder id that the processor repeats once per visual row
-(576 image rows + one row per object box, SPEC section 6).
+(576 image rows + one row per object box, docs/design.md section 6).
 
 Sizes are derived, never hard-coded: the CLIP grid is `image_size // patch_size`, the ConvNeXt last-stage
 grid is `image_size // (patch_size * 2 ** (num_stages - 1))`; a pair whose grids differ is refused here.
 
-Presets live in `mgllava/configs/models/<name>.yaml`: `tiny` (random weights, seconds) and the five
-paper models at their real sizes.
+`context_length` is the longest sequence (prompt + answer) the model is run at; unset, it is the LLM's
+`max_position_embeddings`. A video model sets it longer (8 frames are >= 4,616 visual rows): positions past
+`max_position_embeddings` then use the LLM's RoPE unchanged (no scaling), which is what the reference's
+video model was trained and evaluated with.
+
+Presets live in `mgllava/configs/models/<name>.yaml`: `tiny` (random weights, seconds), the five
+paper models at their real sizes, and `mgllava-vicuna-7b-video` (the paper's video model).
 
 Deviation from the reference: the reference splices visual rows at id -200, which is not a vocabulary
 entry; here the placeholder is a real token (`<image>`) so that HF `generate` and its logits processors
@@ -98,6 +103,7 @@ class MGLlavaConfig(PreTrainedConfig):
     fusion: Literal["none", "conv_gate", "concat", "patch_info_mining", "resampler"] = "conv_gate"
     object_tokens: Literal["off", "concat", "cross_attn_f2b", "cross_attn_b2f"] = "concat"
     object_roi_size: int = 56
+    context_length: int | None = None
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False
 
@@ -106,6 +112,8 @@ class MGLlavaConfig(PreTrainedConfig):
         for field, allowed in (("fusion", FUSIONS), ("object_tokens", OBJECT_TOKENS)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not one of {', '.join(allowed)}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"context_length must be a positive number of tokens, got {self.context_length}")
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         low, high = low_res_grid(self.vision_config), high_res_grid(self.high_res_config)
@@ -121,6 +129,13 @@ class MGLlavaConfig(PreTrainedConfig):
                 f"image_token_id {self.image_token_id} is outside the LLM vocabulary (size "
                 f"{self.text_config.vocab_size}); grow text_config.vocab_size to cover the placeholder"
             )
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest prompt + answer the model runs: `context_length`, else the LLM's `max_position_embeddings`."""
+        if self.context_length is not None:
+            return int(self.context_length)
+        return int(self.text_config.max_position_embeddings)
 
     @property
     def num_image_tokens(self) -> int:

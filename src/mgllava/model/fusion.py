@@ -1,4 +1,4 @@
-"""Fusion of the high-res ConvNeXt maps into the low-res CLIP tokens (SPEC section 4), and its ablations.
+"""Fusion of the high-res ConvNeXt maps into the low-res CLIP tokens (docs/design.md section 4), and its ablations.
 
 Every fusion maps low-res tokens L (B, N = g*g, C_lo) and the ConvNeXt stage maps [(B, C_s, H_s, W_s)] to
 tokens (B, N, out_dim) that the projector reads.
@@ -13,7 +13,7 @@ tokens (B, N, out_dim) that the projector reads.
 Its parameter names match the reference's `fuse_module.*` keys one to one; both `*_proj` layers start at
 zero, so it is exactly the identity at initialisation.
 
-The paper's ablation alternatives (SPEC section 12), each a real option:
+The paper's ablation alternatives (docs/design.md section 12), each a real option:
 - "none": the LLaVA-1.5 baseline, L unchanged (the high-res branch is not used for image tokens).
 - "concat": channel concatenation `cat([L, tokens(H)], -1)`, out_dim C_lo + C_hi.
 - "patch_info_mining" (Mini-Gemini): each low-res token attends to the r x r cells of the finer stage
@@ -65,7 +65,7 @@ class ConvGateFusion(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """SPEC section 4 init: xavier convs, zero projections, zero biases; the gate keeps PyTorch's."""
+        """docs/design.md section 4 init: xavier convs, zero projections, zero biases; the gate keeps PyTorch's."""
         for layer in self.modules():
             if hasattr(layer, "init_rule"):
                 init_leaf(layer)

@@ -1,4 +1,4 @@
-"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (SPEC sections 1, 5, 6).
+"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (docs/design.md sections 1, 5, 6).
 
     pixel_values (B_img,3,336,336) ──► vision_tower ──► L (B_img,576,C_lo) ─┐
     high_res_pixel_values (B_img,3,768,768) ──► high_res_tower ──► S_0..S_3 ├► fusion ─► F (B_img,576,C_lo)
@@ -11,7 +11,7 @@ model fills them in order; a count mismatch is an error naming both numbers. `ge
 one `(576 + n_i, H)` tensor per image, so transformers' `generate` encodes the images once before prefill
 (`mm_encoder_outputs`) and callers may pass pre-computed features to reuse them across turns.
 
-Deviations from the reference (SPEC section 11): real attention masks and position ids for padded
+Deviations from the reference (docs/design.md section 11): real attention masks and position ids for padded
 batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200. RoI
 features are averaged in float32 and then cast (the reference casts before the 56x56 mean).
 """
@@ -21,12 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MGLlavaConfig
-from .encoders import HighResEncoder, LowResEncoder
+from .encoders import ConvNextBlock, HighResEncoder, LowResEncoder
 from .fusion import build_fusion
 from .init import init_leaf
 from .object_tokens import ObjectMixer
@@ -73,9 +74,14 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if hasattr(module, "init_rule"):
-            init_leaf(module)  # Conv-Gate layers: SPEC section 4 init, identity at start
+            init_leaf(module)  # Conv-Gate layers: docs/design.md section 4 init, identity at start
         else:
             super()._init_weights(module)
+        if isinstance(module, ConvNextBlock) and module.layer_scale_parameter is not None:
+            # as ConvNextPreTrainedModel does: a model built on the meta device gets it from here
+            hf_init.constant_(
+                module.layer_scale_parameter, self.config.high_res_config.layer_scale_init_value
+            )
 
 
 class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):

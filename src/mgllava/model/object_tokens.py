@@ -1,4 +1,4 @@
-"""How object features enter the LLM (SPEC sections 1 and 5, and the paper's ablations).
+"""How object features enter the LLM (docs/design.md sections 1 and 5, and the paper's ablations).
 
 Given one image's projected image rows V (N, H) and object rows O (n, H):
 

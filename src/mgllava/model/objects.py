@@ -1,4 +1,4 @@
-"""Object tokens: one feature vector per box, pooled from the high-res ConvNeXt stages (SPEC section 5).
+"""Object tokens: one feature vector per box, pooled from the high-res ConvNeXt stages (docs/design.md section 5).
 
 Reference definition, for one image with stage maps ``S_s`` of shape ``(C_s, H_s, W_s)``::
 
@@ -12,7 +12,13 @@ linear and separable in y and x: RoIAlign's mean over its 56 x 56 bins is the me
 sample points, bilinear sampling is a product of two 1-D hat weights, and bilinear upsampling is
 ``A_s @ S_s @ B_s.T``. So each box reduces to one weight vector per axis, ``w_y`` (H_0) and ``w_x`` (W_0),
 and ``out_s = (A_s.T w_y).T @ S_s @ (B_s.T w_x)`` on the native stage maps - no upsampled map at all.
-All boxes of a stage go through one GEMM, ``outer(u, v) @ S_s.view(C_s, -1).T``.
+
+A box only touches the rows where its ``u = A_s.T w_y`` is non-zero. Each stage is cut into bands of rows
+(`_band_rows`: ~12 rows, at most 16 bands); in band b, the boxes that touch it get the kernel
+``outer(u[b rows], v)`` and one batched GEMM over all bands reads each band of the map once
+(channels-last, a band is a contiguous ``(rows * W_s, C_s)`` block), with the kernels of a band padded to
+the band with most boxes. At 100 boxes of 10 to 300 px on a 768 px image this is ~40% of the work of one
+dense ``outer(u, v) @ S_s`` GEMM over the whole map.
 
 Deviation from the reference: none in the numbers (tested against ``torchvision.ops.roi_align`` on the
 materialised map, edges and degenerate boxes included); only the order of float operations differs.
@@ -76,12 +82,52 @@ def _check_inputs(stage_maps: list[torch.Tensor], boxes: torch.Tensor) -> None:
         raise ValueError("boxes contain NaN or inf; the processor drops such boxes before pooling")
 
 
+def _band_rows(height: int) -> int:
+    """Rows per band: the smallest divisor of `height` that is at least max(6, height / 16)."""
+    target = max(6, -(-height // 16))
+    return next(d for d in range(min(target, height), height + 1) if height % d == 0)
+
+
+def _pool_stage(stage: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(n, C) = sum over y, x of u[n, y] v[n, x] stage[:, y, x], band by band (module docstring)."""
+    c, h, w = stage.shape
+    n, device = u.shape[0], u.device
+    rows = stage.float().permute(1, 2, 0)  # (h, w, C); a view when the map is channels-last
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    band = _band_rows(h)
+    bands = h // band
+    touched = u != 0
+    has = touched.any(1)
+    first = torch.where(has, touched.to(torch.uint8).argmax(1), h)  # (n,) first row with weight
+    last = torch.where(has, h - touched.flip(1).to(torch.uint8).argmax(1), 0)  # (n,) one past the last
+    starts = torch.arange(bands, device=device) * band
+    active = (first[None, :] < starts[:, None] + band) & (last[None, :] > starts[:, None])  # (bands, n)
+    counts = active.sum(1)
+    used = counts.nonzero().flatten()
+    out = torch.zeros(n + 1, c, device=device)
+    if used.numel() == 0:
+        return out[:n]
+    b0, b1 = int(used[0]), int(used[-1]) + 1  # the bands between the first and last touched ones
+    active, counts, width = active[b0:b1], counts[b0:b1], int(counts.max())
+    order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :width]  # active boxes first
+    slot = torch.arange(width, device=device)[None, :] < counts[:, None]
+    index = torch.where(slot, order, n)  # (b1 - b0, width); n = a zero padding box
+    u_pad = torch.cat([u, u.new_zeros(1, h)]).view(n + 1, bands, band)[:, b0:b1]
+    v_pad = torch.cat([v, v.new_zeros(1, w)])
+    u_band = u_pad[index, torch.arange(b1 - b0, device=device)[:, None]]  # (b1 - b0, width, band)
+    kernel = (u_band[..., None] * v_pad[index][:, :, None, :]).view(b1 - b0, width, band * w)
+    pooled = torch.bmm(kernel, rows[b0 * band : b1 * band].view(b1 - b0, band * w, c))  # (b1 - b0, width, C)
+    out.index_add_(0, index.flatten(), pooled.view(-1, c))
+    return out[:n]
+
+
 def pool_object_features(
     stage_maps: list[torch.Tensor], boxes: torch.Tensor, image_size: int, output_size: int = ROI_OUTPUT_SIZE
 ) -> torch.Tensor:
     """RoI-mean features of ``boxes`` over all stages upsampled to stage 0, without materialising them.
 
-    stage_maps: ConvNeXt stage outputs of one image, each (C_s, H_s, W_s).
+    stage_maps: ConvNeXt stage outputs of one image, each (C_s, H_s, W_s) (fastest when channels-last).
     boxes: (n, 4) xyxy in input pixels (the ``image_size`` frame).
     Returns (n, sum C_s) float32, equal to the reference definition in this module's docstring.
     """
@@ -97,11 +143,10 @@ def pool_object_features(
     w_x = _axis_weights(scaled[:, 0], scaled[:, 2], width, output_size)  # (n, W_0)
     pooled = []
     for stage in stage_maps:
-        c, h, w = stage.shape
+        _, h, w = stage.shape
         u = w_y @ _upsample_matrix(h, height, device)  # (n, H_s)
         v = w_x @ _upsample_matrix(w, width, device)  # (n, W_s)
-        kernel = (u[:, :, None] * v[:, None, :]).view(-1, h * w)  # (n, H_s*W_s): one GEMM for all boxes
-        pooled.append(kernel @ stage.float().reshape(c, h * w).T)  # (n, C_s)
+        pooled.append(_pool_stage(stage, u, v))  # (n, C_s)
     return torch.cat(pooled, dim=1)
 
 
@@ -130,5 +175,6 @@ def pool_object_features_reference(
 
 
 def roi_flops(stage_shapes: list[tuple[int, int, int]], num_boxes: int) -> int:
-    """Floating-point operations of `pool_object_features` for one image (its GEMMs dominate)."""
+    """Floating-point operations of one dense ``outer(u, v) @ S_s`` GEMM per stage for one image: an upper
+    bound of `pool_object_features`' work, which skips the bands of rows a box does not touch."""
     return sum(2 * num_boxes * c * h * w for c, h, w in stage_shapes)

@@ -1,4 +1,4 @@
-"""Projectors into the LLM's embedding space (SPEC section 1): Linear(in, H), GELU, Linear(H, H).
+"""Projectors into the LLM's embedding space (docs/design.md section 1): Linear(in, H), GELU, Linear(H, H).
 
 `projector`: fused image tokens (B, N, C_lo) -> (B, N, H); `box_projector`: pooled object features
 (n, sum C_s) -> (n, H). Keys `<name>.0.*` and `<name>.2.*` correspond to the reference's

@@ -1,14 +1,20 @@
 """The HTTP app over the engine: OpenAI-compatible chat completions, models, health, and the web page.
 
-    POST /v1/chat/completions  -> admit (or 429) -> fetch http(s) images if enabled -> Engine.prepare in a
-                                  thread (bad input -> 400/413) -> Batcher (or 503) -> JSON, or SSE chunks
+    POST /v1/chat/completions  -> admit (or 429, before the body is read) -> read the body (413 over
+        --max-body-mb) -> count its JSON items, parse it in a thread (400/413) -> count images and boxes
+        -> fetch http(s) images if enabled (`fetch`) -> decode data URLs, read every image's header and
+        check pixels -> Engine.prepare in a thread, at most `max_preparing` at once -> Batcher (or 503)
+        -> JSON, or SSE chunks
     GET  /v1/models, /v1/models/{id}, /health, /  (the page), /static/*
 
-Limits, each answered with an OpenAI-shaped error (see `errors`): request body bytes (413), image pixels
-(413), `max_tokens` (400), requests in flight (429 + Retry-After; a request holds its slot until its
-generation ends, streamed or not), batcher queue (503 + Retry-After). Image URLs other than base64 data
-URLs are refused unless `allow_image_urls` is set: fetching arbitrary URLs from the server would let
-clients reach hosts only the server can see (server-side request forgery).
+Every request's work is bounded before it is done (`limits` lists the limits, their flags and their
+refusals, each an OpenAI-shaped error naming the limit and its flag): requests in flight (429 +
+Retry-After; a request holds its slot from before its body is read until its generation ends, streamed
+or not), body bytes and JSON items, images, boxes and box-selection work, pixels per image and per
+request, `max_tokens` (400), requests decoding images at once (they wait), batcher queue (503 +
+Retry-After). Image URLs other than base64 data URLs are refused unless `allow_image_urls` is set, and
+then fetched only from public addresses (`fetch`: fetching arbitrary URLs from the server would let
+clients reach hosts only the server can see).
 """
 
 from __future__ import annotations
@@ -24,33 +30,77 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..inference import Batcher, Busy, Engine, EngineInputError, GenerationSettings, Job, Prepared
 from . import errors, schemas
 from .errors import ApiError
-from .limits import BodyLimit
+from .fetch import AddressPolicy, ImageFetcher, Resolver, system_resolver
+from .limits import BodyLimit, RequestLimits, data_url_bytes, image_header
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ServerSettings:
+    """What the server allows. Each field's `mgllava serve` flag is its name with dashes (`..._bytes` fields
+    are given in MB: `--max-body-mb`, `--image-url-max-mb`); docs/server.md gives the reasons for the defaults."""
+
     model_name: str = "mgllava"
     max_body_bytes: int = 32 << 20
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256
-    max_in_flight: int = 32  # admitted requests (preparing, queued or generating); more -> 429
+    max_in_flight: int = 32  # admitted requests (reading, preparing, queued or generating); more -> 429
     max_batch_size: int = 8
     batch_window_s: float = 0.01
     max_queue: int = 64
+    # per request (see `limits`); None: derived from the model or the other limits
+    max_images: int | None = None  # None: as many as the context holds, context // (image rows + 1)
+    max_boxes_per_image: int = 300  # 3x the 100 boxes the reference and OWLv2 keep after NMS
+    max_boxes_per_request: int = 1024
+    max_box_pairs: int = 1_000_000  # sum of n^2 over images; NMS at ~4 ns a pair: a few ms
+    max_request_pixels: int = 1 << 27  # two 64-Mpx squares, or four 12-Mpx 4:3 photos with their canvases
+    max_json_items: int | None = None  # None: 65536 + 8 per allowed box
+    max_preparing: int = 2  # requests decoding images and boxes at once (bounds decode memory)
     allow_image_urls: bool = False
-    image_url_timeout_s: float = 10.0
+    image_url_allow: tuple[str, ...] = ()  # hostnames or IP networks fetched from although not public
+    image_url_timeout_s: float = 10.0  # the whole fetch of one URL, redirects included
+    image_url_max_bytes: int = 16 << 20
+    image_url_max_redirects: int = 3
+
+    def __post_init__(self) -> None:
+        counts = ("max_body_bytes", "max_tokens", "default_max_tokens", "max_in_flight", "max_batch_size",
+                  "max_queue", "max_images", "max_boxes_per_image", "max_boxes_per_request", "max_box_pairs",
+                  "max_request_pixels", "max_json_items", "max_preparing", "image_url_max_bytes")  # fmt: skip
+        for name in counts:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"{name} (--{name.replace('_', '-').replace('-bytes', '-mb')}) must be >= 1, got {value}"
+                )
+        if self.image_url_timeout_s <= 0:
+            raise ValueError(f"--image-url-timeout-s must be > 0, got {self.image_url_timeout_s}")
+        if self.image_url_allow and not self.allow_image_urls:
+            raise ValueError("--image-url-allow has no effect without --allow-image-urls")
+        AddressPolicy(tuple(self.image_url_allow))  # refuses malformed entries now
+
+    def request_limits(self, engine: Engine) -> RequestLimits:
+        rows = engine.processor.num_image_tokens + 1  # an image's rows with at least its one object row
+        return RequestLimits(
+            max_images=self.max_images or max(1, engine.context_length // rows),
+            max_boxes_per_image=self.max_boxes_per_image,
+            max_boxes_per_request=self.max_boxes_per_request,
+            max_box_pairs=self.max_box_pairs,
+            max_image_pixels=engine.max_image_pixels,
+            max_request_pixels=self.max_request_pixels,
+            max_json_items=self.max_json_items or 65536 + 8 * self.max_boxes_per_request,
+        )
 
 
 class Admission:
@@ -74,13 +124,25 @@ class Admission:
 
 
 class Server:
-    """What the routes share: engine, settings, batcher, admission."""
+    """What the routes share: engine, settings, limits, URL fetcher, batcher, admission."""
 
-    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+    def __init__(
+        self, engine: Engine, settings: ServerSettings, resolver: Resolver = system_resolver
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        self.limits = settings.request_limits(engine)
+        self.fetcher = ImageFetcher(
+            AddressPolicy(tuple(settings.image_url_allow)),
+            settings.image_url_max_bytes,
+            settings.image_url_timeout_s,
+            settings.image_url_max_redirects,
+            resolver,
+        )
         self.admission = Admission(settings.max_in_flight)
         self.batcher: Batcher | None = None
+        self.preparing = 0  # requests inside Engine.prepare now
+        self._prepare_slots = asyncio.Semaphore(settings.max_preparing)
 
     def start(self) -> None:
         s = self.settings
@@ -91,80 +153,88 @@ class Server:
             self.batcher.close()
 
     def admit(self) -> None:
+        """Take a slot before the body is read, so a refused request costs no parsing."""
         if not self.admission.try_acquire():
             wait = self.batcher.retry_after if self.batcher is not None else 1
-            raise ApiError(429, f"{self.admission.active} requests are in flight (the limit); retry later",
-                           "rate_limit_exceeded", None, {"Retry-After": str(wait)})  # fmt: skip
+            raise ApiError(429, f"{self.admission.active} requests are in flight (the limit, --max-in-flight); "
+                           "retry later", "rate_limit_exceeded", None, {"Retry-After": str(wait)})  # fmt: skip
+
+    async def read(self, request: Request) -> schemas.ChatCompletionRequest:
+        """The body, bounded by `BodyLimit`, counted (`check_json`) and parsed in a worker thread."""
+        raw = b"".join([chunk async for chunk in request.stream()])  # then 2x the body (+ strings) at most
+        return await run_in_threadpool(self._parse, raw)
+
+    def _parse(self, raw: bytes) -> schemas.ChatCompletionRequest:
+        self.limits.check_json(raw)
+        try:
+            return schemas.ChatCompletionRequest.model_validate_json(raw)
+        except ValidationError as err:
+            raise RequestValidationError(err.errors(include_url=False, include_input=False)) from None
 
     def settings_for(self, body: schemas.ChatCompletionRequest) -> GenerationSettings:
         wanted = body.requested_max_tokens()
         if wanted is not None and wanted > self.settings.max_tokens:
-            raise ApiError(400, f"max_tokens is {wanted} but this server allows at most {self.settings.max_tokens}",
-                           "max_tokens_too_large", "max_tokens")  # fmt: skip
+            raise ApiError(400, f"max_tokens is {wanted} but this server allows at most {self.settings.max_tokens} "
+                           "(--max-tokens)", "max_tokens_too_large", "max_tokens")  # fmt: skip
+        top_p = body.top_p if body.top_p is not None else 1.0
+        greedy = top_p == 0.0  # OpenAI's range includes 0: the nucleus is the most likely token alone
         try:
             return GenerationSettings(
                 max_new_tokens=wanted or min(self.settings.default_max_tokens, self.settings.max_tokens),
-                temperature=body.temperature or 0.0,
-                top_p=body.top_p if body.top_p is not None else 1.0,
+                temperature=0.0 if greedy else body.temperature or 0.0,
+                top_p=1.0 if greedy else top_p,
                 seed=body.seed,
             )
         except EngineInputError as err:
             raise errors.from_engine(err) from err
 
     async def prepare(self, body: schemas.ChatCompletionRequest) -> Prepared:
+        """Limits first (counts, then headers), then the engine; images reach it as bytes."""
         settings = self.settings_for(body)
         messages = body.engine_messages()
-        await self._resolve_image_urls(messages)
-        try:
-            return await run_in_threadpool(
-                self.engine.prepare, messages, None, body.user_boxes(), None, None, settings
-            )
-        except EngineInputError as err:
-            raise errors.from_engine(err) from err
+        parts = _image_parts(messages)
+        self.limits.check_images(len(parts))
+        self.limits.check_boxes(body.box_counts())
+        boxes = body.user_boxes()
+        await self._fetch_urls(parts)
+        await run_in_threadpool(self._check_images, parts)
+        async with self._prepare_slots:
+            self.preparing += 1
+            try:
+                return await run_in_threadpool(
+                    self.engine.prepare, messages, None, boxes, None, None, settings
+                )
+            except EngineInputError as err:
+                raise errors.from_engine(err) from err
+            finally:
+                self.preparing -= 1
 
-    async def _resolve_image_urls(self, messages: list[dict[str, Any]]) -> None:
-        """Data URLs stay for the engine to decode; http(s) URLs are fetched if allowed; others refused."""
-        for i, message in enumerate(messages):
-            parts = message["content"] if isinstance(message["content"], list) else []
-            for j, part in enumerate(parts):
-                if part["type"] != "image_url":
-                    continue
-                url, param = part["image_url"]["url"], f"messages[{i}].content[{j}].image_url.url"
-                if url.startswith("data:"):
-                    continue
-                if not url.startswith(("http://", "https://")):
-                    raise ApiError(400, f"{param}: expected a base64 data URL (data:image/png;base64,...)",
-                                   "invalid_image_url", param)  # fmt: skip
-                if not self.settings.allow_image_urls:
-                    raise ApiError(400, f"{param}: this server does not fetch image URLs; send the image as a "
-                                   "base64 data URL (the operator can enable fetching with --allow-image-urls)",
-                                   "image_url_not_allowed", param)  # fmt: skip
-                part["image_url"]["url"] = await self._fetch(url, param)
+    async def _fetch_urls(self, parts: list[tuple[str, dict[str, Any]]]) -> None:
+        """Data URLs stay; http(s) URLs are fetched if allowed (all URLs are checked before any fetch)."""
+        fetch = []
+        for param, image in parts:
+            url = image["url"]
+            if url.startswith("data:"):
+                continue
+            if not url.startswith(("http://", "https://")):
+                raise ApiError(400, f"{param}: expected a base64 data URL (data:image/png;base64,...)",
+                               "invalid_image_url", param)  # fmt: skip
+            if not self.settings.allow_image_urls:
+                raise ApiError(400, f"{param}: this server does not fetch image URLs; send the image as a "
+                               "base64 data URL (the operator can enable fetching with --allow-image-urls)",
+                               "image_url_not_allowed", param)  # fmt: skip
+            fetch.append((param, image))
+        for param, image in fetch:
+            image["url"] = await self.fetcher.fetch(image["url"], param)
 
-    async def _fetch(self, url: str, param: str) -> bytes:
-        limit = self.settings.max_body_bytes
-        try:
-            async with (
-                httpx.AsyncClient(timeout=self.settings.image_url_timeout_s) as client,
-                client.stream("GET", url) as response,
-            ):
-                if response.status_code != 200:
-                    raise ApiError(
-                        400,
-                        f"{param}: {url} answered HTTP {response.status_code}",
-                        "invalid_image_url",
-                        param,
-                    )
-                data = bytearray()
-                async for piece in response.aiter_bytes():
-                    data += piece
-                    if len(data) > limit:
-                        raise ApiError(
-                            413, f"{param}: {url} is larger than {limit} bytes", "image_too_large", param
-                        )
-                return bytes(data)
-        except httpx.HTTPError as err:
-            raise ApiError(400, f"{param}: cannot fetch {url}: {err}", "invalid_image_url", param) from err
+    def _check_images(self, parts: list[tuple[str, dict[str, Any]]]) -> None:
+        """Decode data URLs to bytes (in place) and check every image's header size before any decoding."""
+        headers = []
+        for param, image in parts:
+            if isinstance(image["url"], str):
+                image["url"] = data_url_bytes(image["url"], param)
+            headers.append((param, image_header(image["url"], param)))
+        self.limits.check_pixels(headers)
 
     def submit(self, prepared: Prepared, on_text: Any = None) -> Job:
         """Hand a prepared request to the batcher; its admission slot is released when the job ends."""
@@ -178,12 +248,26 @@ class Server:
         return job
 
 
+def _image_parts(messages: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(param, the part's `image_url` dict) of every image in the conversation, in order."""
+    found = []
+    for i, message in enumerate(messages):
+        parts = message["content"] if isinstance(message["content"], list) else []
+        for j, part in enumerate(parts):
+            if part["type"] == "image_url":
+                found.append((f"messages[{i}].content[{j}].image_url.url", part["image_url"]))
+    return found
+
+
 def static_dir() -> str:
     return str(resources.files("mgllava.serve") / "static")
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
-    server = Server(engine, settings or ServerSettings())
+def create_app(
+    engine: Engine, settings: ServerSettings | None = None, *, resolver: Resolver = system_resolver
+) -> FastAPI:
+    """The app; `resolver` turns image-URL hosts into addresses (tests pass one they control)."""
+    server = Server(engine, settings or ServerSettings(), resolver)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -202,6 +286,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     return app
 
 
+def _request_body_doc() -> dict[str, Any]:
+    """The chat body's schema for /docs (the route parses the body itself, after admission and counting)."""
+    schema = schemas.ChatCompletionRequest.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _routes(app: FastAPI, server: Server) -> None:
     name = server.settings.model_name
     created = int(time.time())
@@ -216,7 +306,8 @@ def _routes(app: FastAPI, server: Server) -> None:
         alive = server.batcher is not None and server.batcher.alive
         batcher = server.batcher
         body = {"status": "ok" if alive else "unavailable", "model": name, "in_flight": server.admission.active,
-                "queued": batcher.queued if batcher else 0, "running": batcher.running if batcher else 0}  # fmt: skip
+                "preparing": server.preparing, "queued": batcher.queued if batcher else 0,
+                "running": batcher.running if batcher else 0}  # fmt: skip
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/v1/models")
@@ -230,19 +321,23 @@ def _routes(app: FastAPI, server: Server) -> None:
                            "model_not_found", "model")  # fmt: skip
         return card
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: schemas.ChatCompletionRequest) -> JSONResponse | EventSourceResponse:
-        if body.model != name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
-                           "model_not_found", "model")  # fmt: skip
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=_request_body_doc())
+    async def chat_completions(request: Request) -> JSONResponse | EventSourceResponse:
         server.admit()
         try:
+            body = await server.read(request)
+            if body.model != name:
+                raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
+                               "model_not_found", "model")  # fmt: skip
             prepared = await server.prepare(body)
         except BaseException:
             server.admission.release()
             raise
-        if body.stream:
-            return _stream(server, body, prepared)
+        stream = body.stream
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        del body  # its image strings are not needed while the answer is generated
+        if stream:
+            return _stream(server, prepared, include_usage)
         return await _complete(server, prepared)
 
 
@@ -259,7 +354,7 @@ async def _complete(server: Server, prepared: Prepared) -> JSONResponse:
 _DONE = object()
 
 
-def _stream(server: Server, body: schemas.ChatCompletionRequest, prepared: Prepared) -> EventSourceResponse:
+def _stream(server: Server, prepared: Prepared, include_usage: bool) -> EventSourceResponse:
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
 
@@ -269,7 +364,6 @@ def _stream(server: Server, body: schemas.ChatCompletionRequest, prepared: Prepa
     job = server.submit(prepared, on_text)
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
     request_id, model = schemas.new_id(), server.settings.model_name
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     def event(payload: dict[str, Any] | str) -> bytes:
         return format_sse_event(data_str=payload if isinstance(payload, str) else json.dumps(payload))

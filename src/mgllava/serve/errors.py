@@ -2,12 +2,16 @@
 
 | status | when | code |
 |---|---|---|
-| 400 | malformed JSON or fields, bad base64, not an image, bad boxes, prompt + max_tokens over the context | invalid_request, invalid_image, invalid_boxes, context_length_exceeded, max_tokens_too_large |
+| 400 | malformed JSON or fields, bad base64, not an image (or not PNG/JPEG/WebP/GIF/BMP/TIFF), bad boxes, prompt + max_tokens over the context | invalid_request, invalid_image, invalid_boxes, context_length_exceeded, max_tokens_too_large |
+| 400 | over a count limit (`limits`) | too_many_images, too_many_boxes, box_budget_exceeded |
+| 400 | image URL not fetched: not allowed, not http(s), refused address, failed, too slow | image_url_not_allowed, invalid_image_url, image_url_forbidden, image_url_timeout |
 | 404 | unknown model, unknown path | model_not_found, not_found |
-| 413 | request body or image pixels over the limit | request_too_large, image_too_large |
+| 413 | body bytes or JSON items, pixels of an image or a request, fetched image bytes | request_too_large, image_too_large, too_many_pixels |
 | 429 | too many requests in flight (with Retry-After) | rate_limit_exceeded |
 | 503 | queue full or shutting down (with Retry-After) | overloaded |
 | 500 | a bug or a failed generate (logged with its traceback) | internal_error |
+
+Refusals of a limit name the `mgllava serve` flag that sets it, e.g. "(--max-boxes-per-image)".
 """
 
 from __future__ import annotations

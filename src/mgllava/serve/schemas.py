@@ -74,7 +74,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)  # 0: the top token only (greedy)
     seed: int | None = None
     n: int = 1
     stop: str | list[str] | None = None
@@ -109,6 +109,14 @@ class ChatCompletionRequest(BaseModel):
             role = "system" if message.role == "developer" else message.role
             out.append({"role": role, "content": content if content is not None else ""})
         return out
+
+    def box_counts(self) -> list[int]:
+        """How many boxes the request gives for each image (0 for an image left to the proposer)."""
+        if self.mgllava is None or self.mgllava.boxes is None:
+            return []
+        return [
+            0 if e is None else len(e.boxes if isinstance(e, BoxRecord) else e) for e in self.mgllava.boxes
+        ]
 
     def user_boxes(self) -> list[Any] | None:
         if self.mgllava is None or self.mgllava.boxes is None:

@@ -1,1 +1,1 @@
-"""Two-stage training (SPEC section 8): stages as data, a torchrun + FSDP2 trainer, DCP checkpoints."""
+"""Two-stage training (docs/design.md section 8): stages as data, a torchrun + FSDP2 trainer, DCP checkpoints."""

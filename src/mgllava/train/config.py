@@ -1,4 +1,4 @@
-"""The training config: model, data, stage, run settings (SPEC section 8 defaults).
+"""The training config: model, data, stage, run settings (docs/design.md section 8 defaults).
 
 Global batch = per_device_batch_size x gradient accumulation x world size; the accumulation is derived
 from `global_batch_size` and the number of processes, so one config runs on 1 or N workers with the same

@@ -1,4 +1,4 @@
-"""Deterministic data order: global batches, split into per-rank micro-batches (SPEC section 8).
+"""Deterministic data order: global batches, split into per-rank micro-batches (docs/design.md section 8).
 
 The order of an epoch depends only on (seed, epoch), never on the number of processes: step s trains on
 the global batch `order[s * G : (s + 1) * G]`, and rank r's micro-batch m is the slice

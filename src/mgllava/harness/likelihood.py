@@ -1,0 +1,89 @@
+"""How likely a continuation is after a prepared prompt: the model's log-probabilities of the continuation's
+tokens, with the image's visual rows in the prompt (the scoring half of a harness's `loglikelihood`).
+
+    [(Prepared prompt ids (T_i, placeholders for the visual rows), continuation ids (M_i)), ...]
+        --unique frames by content key--> get_image_features once per image (rows (576 + n, H) each)
+        --left-pad prompt + continuation to (B, W), positions from the mask, keep the last max(M_i) + 1 logits-->
+        log_softmax at the positions before each continuation token (B, M_i, V) --> sum, mean, greedy?
+
+A continuation is tokenised on its own (`add_special_tokens=False`), as an answer is in training and in the
+reference's encoding (docs/design.md section 6.3), and appended to the generation prompt (which ends with the
+template's assistant prefix). Padding is on the left with real attention masks and position ids counted
+from the first real token, so a batch scores what each request scores alone (to float tolerance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..inference import Engine, Prepared
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    logprob: float  # sum over the continuation's tokens of log p(token | everything before it)
+    tokens: int  # the continuation's token count
+    greedy: bool  # every continuation token is the argmax at its position
+
+    @property
+    def mean_nll(self) -> float:
+        """The mean negative log-likelihood per token (the LM loss over the continuation)."""
+        return -self.logprob / self.tokens
+
+
+def _visual_rows(engine: Engine, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
+    """Every frame's (rows, H) features in request order, each distinct frame encoded once."""
+    unique = {frame.key: frame for p in prepared for frame in p.frames}
+    rows: dict[str, torch.Tensor] = {}
+    todo = list(unique.values())
+    for start in range(0, len(todo), engine.encode_batch_size):
+        chunk = todo[start : start + engine.encode_batch_size]
+        stacked = {k: torch.cat([f.tensors[k] for f in chunk]) for k in chunk[0].tensors}
+        output = engine.model.get_image_features(**stacked)
+        rows.update({f.key: r for f, r in zip(chunk, output.pooler_output, strict=True)})
+    return [rows[frame.key] for p in prepared for frame in p.frames]
+
+
+def score_continuations(
+    engine: Engine, batch: Sequence[tuple[Prepared, Sequence[int]]]
+) -> list[ContinuationScore]:
+    """The scores of each (prompt, continuation ids) pair, in one forward over the batch."""
+    if not batch:
+        return []
+    if any(len(cont) == 0 for _, cont in batch):
+        raise ValueError("a continuation to score must have at least one token")
+    sequences = [list(p.input_ids) + list(cont) for p, cont in batch]
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(batch), width), engine.processor.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(len(cont) for _, cont in batch) + 1  # the logits before each continuation token
+    device = engine.model.device
+    with torch.no_grad():
+        rows = _visual_rows(engine, [p for p, _ in batch])
+        extra = (
+            {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=rows)}} if rows else {}
+        )
+        logits = engine.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep,
+            **extra,
+        ).logits  # (B, keep, V): positions width - keep .. width - 1
+    scores = []
+    for i, (_, cont) in enumerate(batch):
+        m = len(cont)
+        before = logits[i, keep - 1 - m : keep - 1].float().log_softmax(-1)  # (m, V)
+        target = torch.tensor(list(cont), device=before.device)
+        logprob = before.gather(-1, target[:, None]).sum().item()
+        greedy = bool((before.argmax(-1) == target).all())
+        scores.append(ContinuationScore(logprob, m, greedy))
+    return scores

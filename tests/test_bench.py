@@ -1,0 +1,176 @@
+"""The bench suite's own parts: FLOP formulas against FlopCounterMode, the machine and memory probes, and a
+--quick smoke run of each model bench through its `main(argv)` (the numbers are not judged, only produced)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration
+from mgllava.model.objects import pool_object_features
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import flops  # noqa: E402
+import models  # noqa: E402
+
+
+def counted(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def eager_tiny():
+    """The tiny preset with eager attention, whose matmuls FlopCounterMode sees (it skips CPU sdpa kernels)."""
+    torch.manual_seed(0)
+    config = MGLlavaConfig.from_preset("tiny")
+    model = MGLlavaForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    assert model.language_model.config._attn_implementation == "eager"
+    assert model.vision_tower.clip.config._attn_implementation == "eager"
+    return model
+
+
+def test_flop_formulas_equal_flop_counter_part_by_part(eager_tiny):
+    model, config = eager_tiny, eager_tiny.config
+    shape = flops.PrefillShape(images=2, boxes_per_image=3, text_tokens=7)
+    want = flops.mgllava_flops(config, shape)
+    batch, _ = models.prefill_inputs(config, shape)
+    with torch.no_grad():
+        low = model.vision_tower(batch["pixel_values"])
+        stages = model.high_res_tower(batch["high_res_pixel_values"])
+        fused = model.fusion(low, stages)
+    boxes = batch["object_boxes"].split([3, 3])
+    size = config.high_res_config.image_size
+    embeds = torch.randn(1, flops.sequence_length(config, shape), config.text_config.hidden_size)
+    assert counted(lambda: model.vision_tower(batch["pixel_values"])) == want["CLIP"]
+    assert counted(lambda: model.high_res_tower(batch["high_res_pixel_values"])) == want["ConvNeXt"]
+    assert counted(lambda: model.fusion(low, stages)) == want["fusion"]
+    projected = counted(
+        lambda: (model.projector(fused), model.box_projector(torch.randn(6, config.object_feature_dim)))
+    )
+    assert projected == want["projectors"]
+    assert counted(lambda: model.language_model(inputs_embeds=embeds)) == want["LLM"]
+    pooled = counted(
+        lambda: [pool_object_features([s[i] for s in stages], b, size) for i, b in enumerate(boxes)]
+    )
+    assert 0 < pooled <= want["pooling"] * 1.1  # dense upper bound (+ the small weight matmuls)
+    assert counted(lambda: model(**batch)) == pytest.approx(sum(want.values()), rel=0.01)
+
+
+def test_llava_flops_and_decode_bytes_follow_the_peer_and_the_llm(eager_tiny):
+    config = eager_tiny.config
+    peer = models.build_peer(eager_tiny)
+    shape = flops.PrefillShape(images=1, text_tokens=9)
+    _, batch = models.prefill_inputs(config, shape)
+    assert counted(lambda: peer(**batch)) == sum(flops.llava_flops(config, shape).values())
+    llm = eager_tiny.language_model
+    streamed = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n)
+    assert flops.decode_weight_bytes(config.text_config, 2) == 2 * streamed
+
+
+def test_peer_shares_our_modules_and_gives_our_logits_without_boxes():
+    config = models.bench_config(quick=True)
+    ours = models.build_ours(config)
+    peer = models.build_peer(ours)
+    assert peer.model.language_model is ours.language_model.model
+    assert peer.lm_head is ours.language_model.lm_head
+    mine, theirs = models.prefill_inputs(config, flops.PrefillShape(1, 0, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(**mine).logits, peer(**theirs).logits)
+
+
+def test_machine_probe_and_bf16_verdict():
+    machine = common.measure_machine(quick=True)
+    assert machine.fp32_gflops > 0 and machine.bf16_gflops > 0 and machine.bandwidth_gbs > 0
+    assert machine.cores >= 1 and machine.cpu
+    fast = common.Machine("cpu", 2, 2, ["amx_bf16"], 1.0, None, 100.0, 400.0, 10.0)
+    slow = common.Machine("cpu", 2, 2, [], 1.0, None, 100.0, 25.0, 10.0)
+    odd = common.Machine("cpu", 2, 2, ["avx512_bf16"], 1.0, None, 100.0, 25.0, 10.0)
+    assert fast.bf16_hardware and not slow.bf16_hardware and not odd.bf16_hardware
+    assert "disagree" in odd.describe() and "bf16 hardware: yes" in fast.describe()
+
+
+def test_peak_rss_sees_a_large_allocation_and_interleave_alternates():
+    assert common.peak_rss_during(lambda: torch.ones(25 * 2**20).sum()) >= 90 * 2**20
+    calls = []
+    timings = common.interleave(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=False
+    )
+    assert calls == ["a", "b", "b", "a", "a", "b"] and len(timings["a"].seconds) == 3
+
+
+def run_quick(script: str, tmp_path, *extra: str) -> dict:
+    module = __import__(script)
+    out = tmp_path / f"{script}.json"
+    module.main(["--quick", "--record", str(out), *extra])
+    record = json.loads(out.read_text())
+    assert record["markdown"].startswith("## ") and "--quick" in record["title"]
+    assert all(g["met"] is None for g in record["goals"])  # small models: goals are not judged
+    assert record["machine"]["fp32_gflops"] > 0
+    return record
+
+
+def test_prefill_quick(tmp_path):
+    values = run_quick("bench_prefill", tmp_path, "--boxes", "5", "--rounds", "1")["values"]
+    assert values["logits_diff_no_boxes"] < 1e-4
+    assert values["ours_flops"] > values["peer_flops"] > 0 and values["ours_s"] > 0
+    parts = {"CLIP", "ConvNeXt", "fusion", "pooling", "projectors", "LLM", "glue"}
+    assert set(values["ours_parts_s"]) == parts
+
+
+def test_decode_quick(tmp_path):
+    values = run_quick("bench_decode", tmp_path, "--new-tokens", "4", "--rounds", "1")["values"]
+    assert values["ours_tokens_per_s"] > 0 and values["peer_tokens_per_s"] > 0
+
+
+def test_scaling_quick(tmp_path):
+    values = run_quick("bench_scaling", tmp_path, "--boxes", "0", "20", "--frames", "1", "2", "--rounds", "1")
+    boxes, frames = values["values"]["boxes"], values["values"]["frames"]
+    assert boxes["x"] == [0, 20] and frames["flops"][1] > 2 * frames["flops"][0] * 0.9
+    assert len(frames["seconds"]) == 2 and all(t > 0 for t in boxes["seconds"])
+
+
+def test_object_pooling_quick_measures_memory_in_a_child(tmp_path):
+    values = run_quick("bench_object_pooling", tmp_path, "--boxes", "1", "4", "--rounds", "1")["values"]
+    assert values["4"]["max_diff"] < 1e-5
+    assert values["4"]["reference_bytes"] > 20 * max(values["4"]["ours_bytes"], 64 * 1024)
+
+
+def test_memory_quick_runs_a_preset_in_a_child(tmp_path):
+    record = run_quick("bench_memory", tmp_path, "--presets", "tiny", "mgllava-yi1.5-34b")
+    tiny = record["values"]["tiny"]
+    assert tiny["run_peak"] >= tiny["baseline"] > 0 and tiny["weights"] > 0
+    assert record["values"]["skipped"] == ["mgllava-yi1.5-34b"]
+
+
+@pytest.mark.slow
+def test_suite_runner_writes_results(tmp_path):
+    import run
+
+    out = tmp_path / "results.md"
+    run.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill", "## Object pooling", "## Decode",
+                    "## Prefill scaling", "## Memory"):  # fmt: skip
+        assert heading in text
+
+
+def test_memory_bench_materialises_meta_models_with_real_buffers():
+    import bench_memory
+
+    config = MGLlavaConfig.from_preset("tiny")
+    built = MGLlavaForConditionalGeneration(config)
+    meta = bench_memory.on_meta(config)
+    bench_memory.materialise(meta)
+    for (name, a), (_, b) in zip(built.named_buffers(), meta.named_buffers(), strict=True):
+        assert torch.equal(a.to(b.dtype), b), name
+    weights = [p for p in meta.parameters()]
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.isfinite().all() for p in weights)
+    assert 0.01 < torch.cat([p.float().flatten() for p in weights]).std() < 0.1

@@ -1,0 +1,55 @@
+"""The high-res tower equals transformers' ConvNextModel, in its in-place inference path and with autograd."""
+
+import torch
+from transformers import ConvNextConfig, ConvNextModel
+
+from mgllava.model.encoders import ConvNextBlock, HighResEncoder
+
+CONFIG = ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[2, 1, 3, 1], layer_norm_eps=1e-6, image_size=128,
+                        layer_scale_init_value=0.5)  # fmt: skip
+
+
+def towers():
+    torch.manual_seed(0)
+    ours = HighResEncoder(CONFIG).eval()
+    for p in ours.parameters():
+        p.data.normal_(0, 0.2)
+    theirs = ConvNextModel(CONFIG).eval()
+    state = ours.state_dict()
+    state |= {k: v for k, v in theirs.state_dict().items() if k.startswith("layernorm.")}  # pooling norm
+    theirs.load_state_dict(state)
+    return ours.requires_grad_(False), theirs.requires_grad_(False)
+
+
+def test_inference_path_is_bit_identical_to_transformers_convnext():
+    ours, theirs = towers()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.inference_mode():
+        expected = theirs(x, output_hidden_states=True).hidden_states[1:]
+        got = ours(x)
+    assert len(got) == 4
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_in_place_block_leaves_its_input_alone():
+    ours, _ = towers()
+    block = next(m for m in ours.modules() if isinstance(m, ConvNextBlock))
+    x = torch.randn(1, 8, 32, 32)
+    before = x.clone()
+    with torch.no_grad():
+        out = block(x)
+    assert torch.equal(x, before) and not torch.equal(out, x)
+
+
+def test_trainable_tower_takes_the_autograd_path_and_gets_gradients():
+    ours, theirs = towers()
+    ours.requires_grad_(True)
+    x = torch.randn(1, 3, 128, 128)
+    got = ours(x)
+    sum(s.sum() for s in got).backward()
+    assert all(p.grad is not None for p in ours.parameters())
+    with torch.no_grad():
+        expected = theirs(x, output_hidden_states=True).hidden_states[1:]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.detach(), b)
