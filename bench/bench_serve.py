@@ -17,7 +17,10 @@ the same (greedy) answers, the load average during each level, and the goal at 1
 requests/s at a lower p95) with by how much it was met or missed.
 Clients run in this process (threads) and share the CPU with the server, as a sidecar would.
 
-    .venv/bin/python bench/bench_serve.py [--clients 1,4,16,32] [--requests 4] [--batch 32] [--threads 1]
+    .venv/bin/python bench/bench_serve.py [--quick] [--clients 1,4,16,32] [--requests 4] [--batch 32] [--threads 1]
+
+`--quick` is a smoke run (1, 4 and 16 clients, 2 requests each). The last lines are ours (continuous), the
+peer (static) and their ratio at each level.
 """
 
 from __future__ import annotations
@@ -190,18 +193,28 @@ def report(results: dict, clients_list: list[int]) -> None:
         met = speedup >= 2 and p95 < 1
         print(f"  goal at 16 clients (>= 2x req/s at a lower p95): {'met' if met else 'MISSED'}: "
               f"{speedup:.2f}x req/s ({speedup / 2:.0%} of the 2x goal), p95 {p95:.2f}x of static")  # fmt: skip
+    for clients in clients_list:
+        c, s = results["continuous"][clients], results["static"][clients]
+        print(f"  {clients} clients: ours (continuous) {c['rps']:.2f} req/s, p95 {c['p95']:.2f} s; peer (static) "
+              f"{s['rps']:.2f} req/s, p95 {s['p95']:.2f} s; ratio {c['rps'] / s['rps']:.2f}x req/s, "
+              f"{c['p95'] / s['p95']:.2f}x p95")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", default="1,4,16,32", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 1, 4 and 16 clients, 2 requests each"
+    )
+    parser.add_argument("--clients", default=None, help="comma-separated concurrency levels (1,4,16,32)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per client (4)")
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of both servers")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clients_list = [int(c) for c in args.clients.split(",")]
+    clients = args.clients or ("1,4,16" if args.quick else "1,4,16,32")
+    args.requests = args.requests or (2 if args.quick else 4)
+    clients_list = [int(c) for c in clients.split(",")]
     model, processor = build_model()
     engines = {name: Engine(model, processor, scheduling=name) for name in MODES}
     n_params = sum(p.numel() for p in model.parameters())
