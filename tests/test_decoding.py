@@ -12,15 +12,14 @@ from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProce
 from mgllava.inference import Batcher, Engine, GenerationSettings, Prepared
 from mgllava.inference.decoding import Request
 from mgllava.inference.kv import BatchCache
-from mgllava.inference.prefix import MIN_REUSE, PrefixCache, content_ids
+from mgllava.inference.prefix import BLOCK, MIN_REUSE, PrefixCache, content_ids
 
 from .serving import ShapesProposer, ask, data_url, scene, tiny_parts
 from .test_inference import greedy, requests, two_turns
 
 STOP = 2  # the tiny tokenizer's </s>, the vicuna template's stop token
-QUESTION = (
-    "What is in the image? Tell me about every object, its colour and where it is."  # > MIN_REUSE tokens
-)
+QUESTION = "What is in the image? Tell me about every object, its colour and where it is."
+SHORT = 32  # prefix_min_tokens for the tiny model, whose prompts with an image are ~60 tokens
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def three_engines(model, processor) -> dict[str, Engine]:
     """The same model under continuous scheduling (the default), static scheduling, and continuous without
     prefix reuse (every prompt recomputed)."""
     return {
-        "continuous": Engine(model, processor, ShapesProposer()),
+        "continuous": Engine(model, processor, ShapesProposer(), prefix_min_tokens=SHORT),
         "static": Engine(model, processor, ShapesProposer(), scheduling="static"),
         "recompute": Engine(model, processor, ShapesProposer(), prefix_cache_bytes=0),
     }
@@ -246,10 +245,16 @@ def test_a_prefix_that_ends_inside_an_image_splices_the_rest_of_its_rows(engines
 
 def test_an_evicted_prefix_falls_back_to_recomputation(parts, engines):
     model, processor = parts
-    probe = Engine(model, processor, ShapesProposer())
+    probe = Engine(model, processor, ShapesProposer(), prefix_min_tokens=SHORT)
     conversation = ask(QUESTION, data_url(scene(13)))
     first = probe.chat(conversation, settings=greedy(6))
-    engine = Engine(model, processor, ShapesProposer(), prefix_cache_bytes=int(probe.prefixes.bytes * 1.5))
+    engine = Engine(
+        model,
+        processor,
+        ShapesProposer(),
+        prefix_cache_bytes=int(probe.prefixes.bytes * 1.5),
+        prefix_min_tokens=SHORT,
+    )
     assert engine.chat(conversation, settings=greedy(6)).token_ids == first.token_ids
     engine.chat(ask(QUESTION, data_url(scene(14))), settings=greedy(6))  # evicts the first entry
     assert len(engine.prefixes) == 1
@@ -268,34 +273,39 @@ def test_prefix_cache_finds_the_longest_prefix_and_keeps_within_its_bytes():
     def tokens(*spans: tuple[int, int]) -> torch.Tensor:
         return torch.cat([torch.arange(a, b) for a, b in spans])
 
-    cache = PrefixCache(max_bytes=8 * 250)
-    first = tokens((0, 100))
-    cache.put(first, kv(100))
-    prompt = tokens((0, 90), (500, 520))
+    cache = PrefixCache(max_bytes=8 * 650)
+    first = tokens((0, 300))
+    cache.put(first, kv(300))
+    prompt = tokens((0, 290), (500, 520))
     entry, n, key = cache.lookup(prompt)
-    assert n == 90 and entry.content is first
+    assert n == 290 and entry.content is first
     assert cache.lookup(tokens((0, MIN_REUSE - 1), (600, 700)))[1] == 0  # too short a match: recomputed
-    assert cache.lookup(first)[1] == 99  # never the whole prompt
-    cache.put(tokens((0, 90), (500, 560)), kv(150), extends=key)  # reused the first: it goes
-    assert len(cache) == 1 and cache.lookup(prompt)[1] == 109  # all of the prompt but its last token
-    cache.put(tokens((1000, 1120)), kv(120))  # 150 + 120 tokens > 250: the least recently used goes
+    assert cache.lookup(first)[1] == 299  # never the whole prompt
+    cache.put(tokens((0, 290), (500, 560)), kv(350), extends=key)  # reused the first: it goes
+    assert len(cache) == 1 and cache.lookup(prompt)[1] == 309  # all of the prompt but its last token
+    cache.put(tokens((1000, 1320)), kv(320))  # 350 + 320 tokens > 650: the least recently used goes
     assert len(cache) == 1 and cache.lookup(prompt) == (None, 0, None)
-    assert cache.lookup(tokens((1000, 1100)))[1] == 99
-    cache.put(tokens((2000, 2010)), kv(10))  # shorter than any useful match: not kept
-    assert len(cache) == 1 and cache.bytes == 8 * 120
-    assert (cache.hits, cache.misses, cache.reused_tokens) == (4, 2, 90 + 99 + 109 + 99)
+    assert cache.lookup(tokens((1000, 1300)))[1] == 299
+    cache.put(tokens((2000, 2000 + MIN_REUSE - 1)), kv(MIN_REUSE - 1))  # shorter than any useful match
+    assert len(cache) == 1 and cache.bytes == 8 * 320
+    assert (cache.hits, cache.misses, cache.reused_tokens) == (4, 2, 290 + 299 + 309 + 299)
+    short = PrefixCache(1 << 20, min_tokens=BLOCK)
+    short.put(tokens((0, BLOCK + 1)), kv(BLOCK + 1))
+    assert short.lookup(tokens((0, BLOCK), (900, 901)))[1] == BLOCK  # one block: enough at this setting
+    with pytest.raises(ValueError, match="min_tokens must be >= 16"):
+        PrefixCache(1 << 20, min_tokens=8)
 
 
 def test_an_evicted_entry_no_longer_hides_a_shorter_one():
     def kv(n: int):
         return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]  # 8 bytes a token
 
-    cache = PrefixCache(max_bytes=8 * 260)
-    cache.put(torch.arange(0, 200), kv(200))
-    cache.put(torch.arange(0, 50), kv(50))  # shares the longer entry's first three blocks
-    cache.put(torch.arange(1000, 1100), kv(100))  # over the bound: the least recently used (200) goes
-    entry, n, _ = cache.lookup(torch.arange(0, 150))
-    assert n == 50 and entry.content.numel() == 50  # found through the blocks the two shared
+    cache = PrefixCache(max_bytes=8 * 560)
+    cache.put(torch.arange(0, 400), kv(400))
+    cache.put(torch.arange(0, 150), kv(150))  # shares the longer entry's first nine blocks
+    cache.put(torch.arange(1000, 1300), kv(300))  # over the bound: the least recently used (400) goes
+    entry, n, _ = cache.lookup(torch.arange(0, 350))
+    assert n == 150 and entry.content.numel() == 150  # found through the blocks the two shared
 
 
 def test_entries_sharing_the_deepest_block_are_told_apart_by_their_exact_match():
@@ -303,12 +313,12 @@ def test_entries_sharing_the_deepest_block_are_told_apart_by_their_exact_match()
         return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
 
     cache = PrefixCache(max_bytes=1 << 20)
-    cache.put(torch.arange(0, 200), kv(200))
-    cache.put(torch.cat([torch.arange(0, 40), torch.full((10,), 9)]), kv(50))  # two blocks in common
-    prompt = torch.cat([torch.arange(0, 45), torch.tensor([5])])  # two full blocks, then 14 more tokens
+    cache.put(torch.arange(0, 400), kv(400))
+    cache.put(torch.cat([torch.arange(0, 150), torch.full((10,), 9999)]), kv(160))  # nine blocks in common
+    prompt = torch.cat([torch.arange(0, 155), torch.tensor([5])])  # nine full blocks, then 11 more tokens
     for _ in range(2):
         entry, n, _ = cache.lookup(prompt)
-        assert n == 45 and entry.content.numel() == 200
+        assert n == 155 and entry.content.numel() == 400
 
 
 def test_content_ids_tell_images_apart():

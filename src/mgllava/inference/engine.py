@@ -54,7 +54,7 @@ from ..media.video import VideoError
 from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
 from .decoding import Request, RunningBatch
-from .prefix import PrefixCache
+from .prefix import MIN_REUSE, PrefixCache
 from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback, TextStream
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ class ChatResult:
 class Engine:
     """Model + processor + optional box proposer. Thread-safe: model work runs under one lock (a whole
     static batch, or one continuous step). `scheduling`: "continuous" or "static" (see the module notes);
-    `prefix_cache_bytes`: the bound on earlier turns' KV caches kept for reuse (0: none; continuous only)."""
+    `prefix_cache_bytes`: the bound on earlier turns' KV caches kept for reuse (0: none; continuous only);
+    `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why)."""
 
     def __init__(
         self,
@@ -190,6 +191,7 @@ class Engine:
         encode_batch_size: int = 16,
         scheduling: str = "continuous",
         prefix_cache_bytes: int = 1 << 30,
+        prefix_min_tokens: int = MIN_REUSE,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
@@ -207,7 +209,7 @@ class Engine:
         if scheduling == "continuous":
             _check_continuous(model.generation_config)
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
-        self.prefixes = PrefixCache(prefix_cache_bytes) if use_prefixes else None
+        self.prefixes = PrefixCache(prefix_cache_bytes, prefix_min_tokens) if use_prefixes else None
         self._model_lock = threading.Lock()
         self._text_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
 

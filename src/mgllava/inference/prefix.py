@@ -7,9 +7,13 @@
 A conversation's later turn re-sends the whole conversation, so its prompt starts with the earlier prompt
 (image rows included) and, up to re-tokenization of the answer text, the earlier answer: the longest common
 prefix with a cached entry is reused and only the rest is prefilled. The match never covers the whole
-prompt (its last token is prefilled, to give the first new token's logits), and shorter matches than
-`MIN_REUSE` tokens (a chat template's system prompt, shared by every request) are not reused: such rows are
-prefilled with the other new ones in one batched forward, which costs less than prefilling them one by one.
+prompt (its last token is prefilled, to give the first new token's logits), and matches shorter than
+`min_tokens` (`MIN_REUSE` unless set) are not reused: such rows are prefilled with the other new ones in one batched forward.
+A row that reuses a prefix is prefilled alone (an extra forward, which streams all the weights once), so a
+match must save more than that costs; and every prompt shares its chat template's system prompt with every
+other (vicuna's is ~40 Llama tokens, 62 of the tiny test tokenizer's), which must not count as a match. At
+128 tokens a second turn that shares an image (576 rows at the paper's sizes) is always reused, and a new
+conversation never is merely for its template.
 
 Finding the entry: every entry is indexed by the digests of its content's first 1, 2, ... blocks of `BLOCK`
 tokens (each digest chains the previous); a lookup walks the prompt's block digests to the deepest one
@@ -34,7 +38,7 @@ from .cache import LRUCache, digest
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, kv_heads, n, head_dim)
 BLOCK = 16  # tokens per indexed block
-MIN_REUSE = 2 * BLOCK  # shorter common prefixes are recomputed (batched with the other new rows)
+MIN_REUSE = 8 * BLOCK  # shorter common prefixes are recomputed (batched with the other new rows)
 
 
 class Visual(Protocol):
@@ -78,7 +82,11 @@ class PrefixEntry:
 class PrefixCache:
     """`lookup` the longest cached prefix of a prompt; `put` a finished sequence's KV cache."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, min_tokens: int = MIN_REUSE) -> None:
+        if min_tokens < BLOCK:
+            raise ValueError(f"min_tokens must be >= {BLOCK} (entries are found by blocks of {BLOCK} tokens), "
+                             f"got {min_tokens}")  # fmt: skip
+        self.min_tokens = min_tokens
         self.entries: LRUCache[PrefixEntry] = LRUCache(
             max_bytes, size_of=lambda e: e.bytes, on_evict=self._forget
         )
@@ -89,7 +97,7 @@ class PrefixCache:
 
     def lookup(self, prompt: torch.Tensor) -> tuple[PrefixEntry | None, int, str | None]:
         """The entry sharing the longest prefix with `prompt` (at most all but its last token), that prefix's
-        length and the entry's key; (None, 0, None) when none shares `MIN_REUSE` tokens."""
+        length and the entry's key; (None, 0, None) when none shares `min_tokens` tokens."""
         candidates: set[str] = set()
         for block in _chain(prompt[: prompt.numel() - 1]):
             keys = self._index.get(block)
@@ -103,7 +111,7 @@ class PrefixCache:
             if m > length:
                 key, length = candidate, m
         entry = self.entries.get(key) if key is not None else None  # marks it recently used
-        if entry is None or length < MIN_REUSE:
+        if entry is None or length < self.min_tokens:
             self.misses += 1
             return None, 0, None
         self.hits += 1
@@ -114,7 +122,7 @@ class PrefixCache:
         """Keep `kv` (K/V for every token of `content`); drop the entry `extends` whose prefix it reused."""
         if extends is not None:
             self.drop(extends)
-        if content.numel() < MIN_REUSE:
+        if content.numel() < self.min_tokens:
             return
         key = digest(content)
         entry = PrefixEntry(content, kv, _chain(content))
