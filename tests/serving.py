@@ -1,4 +1,5 @@
-"""Helpers for the inference, server, page and chat tests: a tiny engine, scenes, data URLs, a proposer."""
+"""Helpers shared by every package's tests: the tiny model and engine, scenes, PNG bytes and data URLs, chat
+messages, and a stand-in detector and proposer (the fixtures built from them are in conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One smoke test per entry point through the real `main(argv)`: chat (one-shot, REPL, video), serve (the demo's
-is in test_demo.py)."""
+is in demo/test_demo.py)."""
 
 import io
 import json

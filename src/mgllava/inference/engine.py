@@ -12,7 +12,8 @@
   batch (each row picks its own tokens). "static": one left-padded `model.generate(mm_encoder_outputs=...)`
   per batch of requests with the same sampling settings; a request arriving mid-batch waits for the whole
   batch. In both, each row keeps its own `max_new_tokens` and stops at the template's stop token, and greedy
-  answers are identical to running each request alone (and to the model's own `generate`).
+  answers are identical to running each request alone (and to the model's own `generate`; left padding with
+  real attention masks, as `tests/model/test_modeling.py` checks).
 - Reuse: a Frame's key is a digest of its pixel tensors and boxes, so the images of a conversation are
   encoded once and every later turn (which re-sends the whole conversation) reuses their visual rows.
   Continuous scheduling also keeps the KV cache of finished requests (`prefix.PrefixCache`, LRU by bytes):

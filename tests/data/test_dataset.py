@@ -1,0 +1,49 @@
+"""LLaVA-format datasets: mixtures with sampling rules, video samples with per-frame boxes."""
+
+import json
+
+import pytest
+
+from mgllava import MGLlavaProcessor
+from mgllava.data.config import DataConfig, DataSource
+from mgllava.data.dataset import LlavaDataset, load_samples
+
+from .. import synth
+from ..formats import write_video
+
+
+def test_mixture_with_sampling_rules(tmp_path):
+    a = synth.write_dataset(tmp_path / "a", n=6)
+    b = synth.write_dataset(tmp_path / "b", n=8)
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text(
+        f"sources:\n  - {{path: {a['data']}, image_root: {a['images']}, sample: 'first:3'}}\n"
+        f"  - {{path: {b['data']}, image_root: {b['images']}, sample: 'random:2'}}\n"
+    )
+    config = DataConfig(
+        sources=[DataSource(path=str(a["data"]), image_root=str(a["images"]))], mixture=str(mixture)
+    )
+    samples = load_samples(config, seed=3)
+    assert [s.id for s in samples[:9]] == [f"s{i:03d}" for i in range(6)] + ["s000", "s001", "s002"]
+    assert len(samples) == 11 and samples[-1].source.path == str(b["data"])
+    assert [s.id for s in load_samples(config, seed=3)] == [s.id for s in samples]  # deterministic
+    with pytest.raises(ValueError, match="sample rule 'half'"):
+        DataSource(path="x", sample="half")
+
+
+def test_video_sample_with_per_frame_boxes(tmp_path):
+    write_video(tmp_path / "clip.mp4")
+    data = tmp_path / "videos.json"
+    data.write_text(json.dumps([{"id": "v1", "video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "It gets brighter."}]}]))  # fmt: skip
+    boxes = tmp_path / "video_boxes.json"  # the reference's video box format
+    frames = [{"boxes": [[0, 0, 10, 10]] * (t % 3 + 1), "scores": [0.5] * (t % 3 + 1),
+               "labels": [f"obj{k}" for k in range(t % 3 + 1)]} for t in range(8)]  # fmt: skip
+    boxes.write_text(json.dumps([{"video": "clip.mp4", "frames": frames}]))
+    source = DataSource(path=str(data), video_root=str(tmp_path), boxes=str(boxes))
+    dataset = LlavaDataset(load_samples(DataConfig(sources=[source])), MGLlavaProcessor.from_preset("tiny"))
+    item = dataset[0]
+    assert item["pixel_values"].shape == (8, 3, 56, 56)
+    assert item["object_counts"].tolist() == [t % 3 + 1 for t in range(8)]
+    rows = sum(1 for t in item["input_ids"] if t == dataset.processor.image_token_id)
+    assert rows == 8 * 16 + sum(t % 3 + 1 for t in range(8))
