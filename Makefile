@@ -75,9 +75,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# The component benches with small models of their own: box proposals, evaluation, serving, training.
+# The component benches with small models of their own: box proposals, evaluation, serving, second turns, training.
 bench-components: $(STAMP)
-	for f in boxes eval serve train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
+	for f in boxes eval serve turns train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache src/*.egg-info

@@ -9,8 +9,8 @@ writes the file atomically once every script has finished. Nothing in it is edit
     .venv/bin/python bench/run.py --quick --out x.md    # small sizes: a smoke run, under a minute
     .venv/bin/python bench/run.py --only prefill decode # some of the scripts
 
-The component benches (bench_boxes, bench_eval, bench_serve, bench_train) measure small models of their own
-and are run by `make bench-components`; they are not part of this file.
+The component benches (bench_boxes, bench_eval, bench_serve, bench_turns, bench_train) measure small models
+of their own and are run by `make bench-components`; they are not part of this file.
 """
 
 from __future__ import annotations

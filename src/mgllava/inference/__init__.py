@@ -1,4 +1,4 @@
-"""Inference: the engine (tensors in, tokens and text out) and the dynamic batcher over it."""
+"""Inference: the engine (tensors in, tokens and text out) and the request scheduler (`Batcher`) over it."""
 
 from .batcher import Batcher, Busy, Job
 from .engine import (

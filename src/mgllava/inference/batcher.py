@@ -1,12 +1,20 @@
-"""Dynamic batching: a worker thread gathers requests for a short window and runs one batched `generate`.
+"""The request scheduler: a worker thread that owns the engine's model work and batches requests.
 
     submit(prepared) -> Job (a concurrent.futures.Future plus a cancel flag), or Busy when the queue is full
-    worker: wait for a first job; wait up to `max_wait_s` after it arrived for more (or until
-            `max_batch_size` compatible jobs are queued); run `Engine.generate` on them; resolve futures
 
-Compatible jobs share sampling settings (`GenerationSettings.batch_key`); others wait for a later round in
-arrival order. The queue is bounded: a full queue is refused (`Busy`, with a retry estimate) rather than
-grown without bound. `max_batch_size=1` is the unbatched baseline the bench compares against.
+Continuous scheduling (the engine's default; `decoding.RunningBatch`):
+    worker: while idle, wait for a first job and up to `max_wait_s` after it arrived for more (or until
+            `max_batch_size` are queued); then loop: admit queued jobs (oldest first, up to `max_batch_size`
+            running) into the running batch, run one decode step, resolve the jobs that finished
+    A job arriving mid-generation starts at the next step; a finished one is answered at once.
+Static scheduling (`Engine(..., scheduling="static")`, the earlier engine):
+    worker: wait for a first job and the window as above; run one `Engine.generate` on up to
+            `max_batch_size` compatible jobs (equal `GenerationSettings.batch_key`; the others wait for a
+            later round in arrival order); resolve their futures; repeat.
+
+`batch_sizes` counts how many jobs started together (one admission or one static batch); `step_sizes` how
+many rows each continuous decode step ran. The queue is bounded: a full queue is refused (`Busy`, with a
+retry estimate) rather than grown without bound. `max_batch_size=1` is the unbatched baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from .decoding import Request, RunningBatch
 from .engine import ChatResult, Engine, Prepared
 from .streaming import TextCallback
 
@@ -42,6 +51,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
 
     def cancel(self) -> None:
         """Drop the job if it has not started; stop its row at the next step if it is running."""
@@ -65,13 +75,15 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.clock = clock
-        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran
-        self.running = 0  # jobs in the batch being generated now
+        self.batch_sizes: Counter[int] = Counter()  # how many times k jobs started together
+        self.step_sizes: Counter[int] = Counter()  # continuous: how many decode steps ran k rows
+        self.running = 0  # jobs started and not yet answered
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._seconds_per_batch = 1.0
-        self._thread = threading.Thread(target=self._loop, name="mgllava-batcher", daemon=True)
+        self._seconds_per_batch = 1.0  # a recent batch's (static) or request's (continuous) service time
+        loop = self._loop_static if engine.scheduling == "static" else self._loop_continuous
+        self._thread = threading.Thread(target=loop, name="mgllava-batcher", daemon=True)
         self._thread.start()
 
     # -- callers ------------------------------------------------------------------------------------------
@@ -107,8 +119,8 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    # -- worker -------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    # -- static worker ------------------------------------------------------------------------------------
+    def _loop_static(self) -> None:
         while True:
             jobs = self._next_batch()
             if jobs is None:
@@ -119,20 +131,27 @@ class Batcher:
     def _next_batch(self) -> list[Job] | None:
         """Wait for work, then for the window to fill; None when closed and drained."""
         with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = self._queue[0].queued_at + self.max_wait_s
-            while not self._closed and len(self._compatible()) < self.max_batch_size:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            if not self._wait_for_work(self._compatible):
+                return None
             jobs = self._compatible()[: self.max_batch_size]
             for job in jobs:
                 self._queue.remove(job)
         return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+
+    def _wait_for_work(self, candidates: Callable[[], list[Job]]) -> bool:
+        """(Holding the lock) wait for a first job, then until `max_wait_s` after it arrived or until
+        `max_batch_size` candidates are queued. False when closed and drained."""
+        while not self._queue:
+            if self._closed:
+                return False
+            self._cond.wait()
+        deadline = self._queue[0].queued_at + self.max_wait_s
+        while not self._closed and len(candidates()) < self.max_batch_size:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        return True
 
     def _compatible(self) -> list[Job]:
         first = self._queue[0].prepared.settings.batch_key()
@@ -158,6 +177,70 @@ class Batcher:
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
         self.batch_sizes[len(jobs)] += 1
         for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
+
+    # -- continuous worker --------------------------------------------------------------------------------
+    def _loop_continuous(self) -> None:
+        batch = self.engine.running_batch()
+        while True:
+            jobs = self._admissible(len(batch))
+            if jobs is None:
+                return
+            if jobs:
+                self._admit(batch, jobs)
+            if batch:
+                self._step(batch)
+            self.running = len(batch)
+
+    def _admissible(self, active: int) -> list[Job] | None:
+        """The queued jobs that start now: when idle, after the window; when rows are running, the ones
+        queued (no wait), up to `max_batch_size` running. None when closed, drained and idle."""
+        with self._cond:
+            if not active and not self._wait_for_work(lambda: list(self._queue)):
+                return None
+            room = self.max_batch_size - active
+            jobs = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            self.running = active + len(jobs)
+        return jobs
+
+    def _admit(self, batch: RunningBatch, jobs: list[Job]) -> None:
+        start = self.clock()
+        for job in jobs:
+            job.started_at = start
+        try:
+            finished = batch.admit([Request(j.prepared, j.on_text, j.cancelled.is_set, j) for j in jobs])
+        except Exception as err:  # these jobs fail; the running ones carry on
+            logger.exception("prefill failed for %d requests", len(jobs))
+            for job in jobs:
+                job.future.set_exception(err)
+            return
+        self.batch_sizes[len(jobs)] += 1
+        self._resolve(finished)
+
+    def _step(self, batch: RunningBatch) -> None:
+        rows = len(batch)
+        try:
+            finished = batch.step()
+        except (
+            Exception
+        ) as err:  # the batch's state is unknown: every running job fails, the worker carries on
+            logger.exception("decode step failed for %d requests", rows)
+            for job in batch.abort():
+                job.future.set_exception(err)
+            return
+        self.step_sizes[rows] += 1
+        self._resolve(finished)
+
+    def _resolve(self, finished: list[tuple[Job, ChatResult | Exception]]) -> None:
+        now = self.clock()
+        for job, result in finished:
+            if isinstance(result, Exception):
+                logger.error("a request could not start: %s", result)
+                job.future.set_exception(result)
+                continue
+            if job.started_at is not None:
+                self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (now - job.started_at)
             job.future.set_result(result)
 
     def run(self, prepared: Prepared, on_text: TextCallback | None = None) -> ChatResult:

@@ -1,4 +1,5 @@
-"""A thread-safe LRU cache bounded by total bytes, for per-image visual rows and proposed boxes.
+"""A thread-safe LRU cache bounded by total bytes, for per-image visual rows, proposed boxes and the KV
+cache of earlier turns (`prefix.PrefixCache`).
 
 Keys are content digests (`digest`), so the same image given as a path, bytes or a data URL hits the
 same entry, and a conversation's images are encoded once however many turns re-send them.
@@ -38,11 +39,18 @@ def tensor_bytes(value: Any) -> int:
 
 
 class LRUCache(Generic[V]):
-    """`get`/`put` by key; evicts least recently used entries beyond `max_bytes` (as sized by `size_of`)."""
+    """`get`/`put` by key; evicts least recently used entries beyond `max_bytes` (as sized by `size_of`),
+    telling `on_evict(key, value)` (called under the cache's lock: keep it short, do not call back in)."""
 
-    def __init__(self, max_bytes: int, size_of: Callable[[V], int] = tensor_bytes) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        size_of: Callable[[V], int] = tensor_bytes,
+        on_evict: Callable[[str, V], None] | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
         self.size_of = size_of
+        self.on_evict = on_evict
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -59,18 +67,36 @@ class LRUCache(Generic[V]):
             self.hits += 1
             return item[0]
 
+    def peek(self, key: str) -> V | None:
+        """The value under `key` without counting it as a use (or a hit)."""
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item[0]
+
     def put(self, key: str, value: V) -> None:
         size = self.size_of(value)
         with self._lock:
             if key in self._items:
                 self._bytes -= self._items.pop(key)[1]
             if size > self.max_bytes:
+                if self.on_evict is not None:
+                    self.on_evict(key, value)
                 return
             self._items[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, dropped) = self._items.popitem(last=False)
+                old, (gone, dropped) = self._items.popitem(last=False)
                 self._bytes -= dropped
+                if self.on_evict is not None:
+                    self.on_evict(old, gone)
+
+    def pop(self, key: str) -> V | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return None
+            self._bytes -= item[1]
+            return item[0]
 
     def clear(self) -> None:
         with self._lock:

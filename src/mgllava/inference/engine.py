@@ -1,17 +1,24 @@
 """The inference engine: conversations and images in, answers (text or a stream of text) out.
 
     messages + images/video (+ user boxes | proposer) --prepare--> Prepared: prompt ids, one Frame per image
-        or video frame (its tensors and a content key), the boxes used in original pixels
+        or video frame (its tensors, visual row count and a content key), the boxes used in original pixels
     [Prepared, ...] --generate--> visual rows per Frame (cached by key, missing ones encoded in one
-        `get_image_features` call) --> one left-padded `model.generate(mm_encoder_outputs=...)`
-        --> per-row text, streamed through `on_text` callbacks as it is decoded
+        `get_image_features` call) --> decoding (below) --> per-row text, streamed through `on_text`
+        callbacks as it is decoded
 
-- Batching: requests with the same sampling settings share one `generate`; each row keeps its own
-  `max_new_tokens` (`RowLimits`) and stops at the template's stop token. Greedy answers are identical to
-  running each request alone (left padding with real attention masks, as `tests/model/test_modeling.py` checks).
+- Scheduling. "continuous" (the default): `decoding.RunningBatch` prefills requests and decodes them one
+  token per step over a batched KV cache that requests join between steps and leave as soon as they finish;
+  the `Batcher` admits a request that arrives mid-generation at the next step. Any sampling settings share a
+  batch (each row picks its own tokens). "static": one left-padded `model.generate(mm_encoder_outputs=...)`
+  per batch of requests with the same sampling settings; a request arriving mid-batch waits for the whole
+  batch. In both, each row keeps its own `max_new_tokens` and stops at the template's stop token, and greedy
+  answers are identical to running each request alone (and to the model's own `generate`; left padding with
+  real attention masks, as `tests/model/test_modeling.py` checks).
 - Reuse: a Frame's key is a digest of its pixel tensors and boxes, so the images of a conversation are
   encoded once and every later turn (which re-sends the whole conversation) reuses their visual rows.
-  Proposed boxes are cached by the proposer (by content).
+  Continuous scheduling also keeps the KV cache of finished requests (`prefix.PrefixCache`, LRU by bytes):
+  a later turn whose prompt extends an earlier turn's sequence prefills only its new tokens. Proposed boxes
+  are cached by the proposer (by content).
 - Boxes: user boxes (original pixels) win; else the optional `proposer` (`boxes.BoxProposer`: a box file
   looked up by the one rule of `boxes.lookup`, then tagger + OWLv2, with its own cache); else none (the
   model then sees its zero-box fallback row, as the reference). Each image reports where its boxes came
@@ -36,7 +43,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..boxes import Boxes, BoxProposer
@@ -47,13 +54,24 @@ from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
 from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
-from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback
+from .decoding import Request, RunningBatch
+from .prefix import MIN_REUSE, PrefixCache
+from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback, TextStream
 
 logger = logging.getLogger(__name__)
 ORIGINS = {"box_file": "box_file", "detector": "proposer", "missing": "missing"}  # Proposal.source -> report
 BOX_SETTINGS = ("box_nms_iou", "box_limit", "box_cap", "box_per_label", "box_empty_fallback", "invalid_boxes")
 
 FRAME_KEYS = ("pixel_values", "high_res_pixel_values", "object_boxes", "object_counts")
+SCHEDULING = ("continuous", "static")
+# generation-config settings that change the chosen tokens, which continuous decoding does not apply (`generate`
+# does), with their neutral values; a config setting one otherwise must be served with scheduling="static"
+UNSUPPORTED_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                              min_length=0, min_new_tokens=0, guidance_scale=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+                              eta_cutoff=0.0, remove_invalid_values=False, renormalize_logits=False,
+                              bad_words_ids=None, sequence_bias=None, forced_bos_token_id=None,
+                              forced_eos_token_id=None, begin_suppress_tokens=None, min_p=None, top_h=None,
+                              exponential_decay_length_penalty=None, watermarking_config=None)  # fmt: skip
 
 
 class EngineInputError(ValueError):
@@ -131,6 +149,7 @@ class Frame:
 
     key: str
     tensors: dict[str, torch.Tensor]
+    rows: int  # its visual rows: placeholder tokens in the prompt
 
 
 @dataclass
@@ -156,7 +175,10 @@ class ChatResult:
 
 
 class Engine:
-    """Model + processor + optional box proposer. Thread-safe; `generate` runs one batch at a time."""
+    """Model + processor + optional box proposer. Thread-safe: model work runs under one lock (a whole
+    static batch, or one continuous step). `scheduling`: "continuous" or "static" (see the module notes);
+    `prefix_cache_bytes`: the bound on earlier turns' KV caches kept for reuse (0: none; continuous only);
+    `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why)."""
 
     def __init__(
         self,
@@ -168,7 +190,12 @@ class Engine:
         box_settings: dict[str, Any] | None = None,
         feature_cache_bytes: int = 1 << 30,
         encode_batch_size: int = 16,
+        scheduling: str = "continuous",
+        prefix_cache_bytes: int = 1 << 30,
+        prefix_min_tokens: int = MIN_REUSE,
     ) -> None:
+        if scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
         self.model = model.eval()
         self.processor = processor
         self.proposer = proposer
@@ -179,6 +206,11 @@ class Engine:
         configure_generation(model, processor)
         self.features: LRUCache[torch.Tensor] = LRUCache(feature_cache_bytes)
         self.encode_batch_size = encode_batch_size
+        self.scheduling = scheduling
+        if scheduling == "continuous":
+            _check_continuous(model.generation_config)
+        use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
+        self.prefixes = PrefixCache(prefix_cache_bytes, prefix_min_tokens) if use_prefixes else None
         self._model_lock = threading.Lock()
         self._text_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
 
@@ -259,7 +291,7 @@ class Engine:
             self._report(f, b, origin, video=True)
             for f, b, origin in zip(frames, frame_boxes, frame_origins, strict=True)
         ]
-        return Prepared(ids, _frames(batch), image_report, video_report, settings)
+        return Prepared(ids, self._frames(batch), image_report, video_report, settings)
 
     def _report(self, image: Image.Image, raw: Boxes | None, origin: str, video: bool) -> VisualBoxes:
         """The boxes that became object tokens, in the image's pixels, as the image processor selects them."""
@@ -386,6 +418,29 @@ class Engine:
                 "context_length_exceeded",
             )
 
+    def _frames(self, batch: dict[str, torch.Tensor]) -> list[Frame]:
+        """Split the processor's batch (one conversation) into per-image / per-frame tensors with keys and
+        visual row counts (`num_image_tokens`, plus the image's boxes when objects get rows of their own)."""
+        if "pixel_values" not in batch:
+            return []
+        counts = batch["object_counts"].tolist() if "object_counts" in batch else None
+        base, object_rows = self.processor.num_image_tokens, self.processor.object_rows
+        frames, start = [], 0
+        for j in range(batch["pixel_values"].shape[0]):
+            tensors = {
+                "pixel_values": batch["pixel_values"][j : j + 1],
+                "high_res_pixel_values": batch["high_res_pixel_values"][j : j + 1],
+            }
+            rows = base
+            if counts is not None:
+                tensors["object_boxes"] = batch["object_boxes"][start : start + counts[j]]
+                tensors["object_counts"] = batch["object_counts"][j : j + 1]
+                start += counts[j]
+                rows += counts[j] if object_rows else 0
+            key = digest(*(tensors[k] for k in FRAME_KEYS if k in tensors))
+            frames.append(Frame(key, tensors, rows))
+        return frames
+
     # -- running a batch ----------------------------------------------------------------------------------
     def generate(
         self,
@@ -393,22 +448,54 @@ class Engine:
         on_text: Sequence[TextCallback | None] | None = None,
         cancelled: Sequence[Callable[[], bool] | None] | None = None,
     ) -> list[ChatResult]:
-        """Answer many prepared requests with one left-padded `generate`. `on_text[i]` receives request i's
-        text as it is decoded; `cancelled[i]()` returning True stops row i early."""
+        """Answer many prepared requests together. `on_text[i]` receives request i's text as it is decoded;
+        `cancelled[i]()` returning True stops row i early. Static scheduling needs equal sampling settings."""
         if not batch:
             return []
+        callbacks = list(on_text) if on_text is not None else [None] * len(batch)
+        stops = list(cancelled) if cancelled is not None else [None] * len(batch)
+        if self.scheduling == "static":
+            return self._generate_static(batch, callbacks, stops)
+        running = self.running_batch()
+        requests = [
+            Request(p, c, s, k) for k, (p, c, s) in enumerate(zip(batch, callbacks, stops, strict=True))
+        ]
+        results: list[ChatResult | None] = [None] * len(batch)
+        finished = running.admit(requests)
+        while True:
+            for k, result in finished:
+                if isinstance(result, Exception):
+                    running.abort()
+                    raise result
+                results[k] = result
+            if not running:
+                return results
+            finished = running.step()
+
+    def running_batch(self) -> RunningBatch:
+        """An empty continuous batch over this engine (`decoding.RunningBatch`), for a scheduler to drive."""
+        if self.scheduling != "continuous":
+            raise ValueError("running_batch needs scheduling='continuous'")
+        return RunningBatch(self)
+
+    def _generate_static(
+        self,
+        batch: Sequence[Prepared],
+        callbacks: list[TextCallback | None],
+        stops: list[Callable[[], bool] | None],
+    ) -> list[ChatResult]:
+        """One left-padded `model.generate` over the whole batch."""
         keys = {p.settings.batch_key() for p in batch}
         if len(batch) > 1 and (len(keys) > 1 or None in keys):
             raise ValueError(f"requests with different sampling settings cannot share a batch: {keys}")
-        callbacks = list(on_text) if on_text is not None else [None] * len(batch)
-        stops = list(cancelled) if cancelled is not None else [None] * len(batch)
         limits = [p.settings.max_new_tokens for p in batch]
-        streamer = BatchStreamer(
-            [Detokenizer(self._decode, self.processor.stop_token_ids, n) for n in limits], callbacks
-        )
+        streams = [
+            TextStream(Detokenizer(self.decode, self.processor.stop_token_ids, n), c)
+            for n, c in zip(limits, callbacks, strict=True)
+        ]
         with self._model_lock, torch.no_grad():
-            rows = self._visual_rows([f for p in batch for f in p.frames])
-            input_ids, mask = self._left_pad([p.input_ids for p in batch])
+            rows = self.visual_rows([f for p in batch for f in p.frames])
+            input_ids, mask = self.left_pad([p.input_ids for p in batch])
             extra = (
                 {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=rows)}}
                 if rows
@@ -420,24 +507,25 @@ class Engine:
                 input_ids=input_ids,
                 attention_mask=mask,
                 max_new_tokens=max(limits),
-                streamer=streamer,
+                streamer=BatchStreamer(streams),
                 stopping_criteria=StoppingCriteriaList([RowLimits(input_ids.shape[1], limits, stops)]),
                 **batch[0].settings.generate_kwargs(),
                 **extra,
             )
         new = out[:, input_ids.shape[1] :].cpu()
-        return [
-            self._result(
-                p, new[i, : limits[i]].tolist(), lambda text, i=i: streamer.finish(i, text), stops[i]
-            )
-            for i, p in enumerate(batch)
-        ]
+        results = []
+        for i, p in enumerate(batch):
+            generated = new[i, : limits[i]].tolist()
+            stopped = any(t in self.processor.stop_token_ids for t in generated)
+            reason = "stop" if stopped else ("cancelled" if stops[i] is not None and stops[i]() else "length")
+            results.append(self.answer(p, generated, streams[i], reason))
+        return results
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         with self._text_lock:
             return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _visual_rows(self, frames: list[Frame]) -> list[torch.Tensor]:
+    def visual_rows(self, frames: list[Frame]) -> list[torch.Tensor]:
         """Each frame's (rows, H) features, from the cache or encoded in batches of the missing ones."""
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, Frame] = {}
@@ -458,7 +546,8 @@ class Engine:
                 found[frame.key] = rows
         return [found[f.key] for f in frames]
 
-    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids (B, L) left-padded with the pad token, and their mask (B, L), on the model's device."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.processor.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -468,22 +557,14 @@ class Engine:
         device = self.model.device
         return ids.to(device), mask.to(device)
 
-    def _result(
-        self,
-        prepared: Prepared,
-        generated: list[int],
-        flush: Callable[[str], None],
-        cancelled: Callable[[], bool] | None,
-    ) -> ChatResult:
+    def answer(self, prepared: Prepared, generated: list[int], stream: TextStream, reason: str) -> ChatResult:
+        """The result of one row: `generated` up to the first stop token (included in the count), its text
+        (as `MGLlavaProcessor.decode_answer`) flushed to the row's stream."""
         stops = set(self.processor.stop_token_ids)
         end = next((k for k, t in enumerate(generated) if t in stops), None)
         answer = generated if end is None else generated[:end]
-        if end is not None:
-            reason = "stop"
-        else:
-            reason = "cancelled" if cancelled is not None and cancelled() else "length"
-        text = self._decode(answer).strip()  # as MGLlavaProcessor.decode_answer
-        flush(text)
+        text = self.decode(answer).strip()
+        stream.finish(text)
         return ChatResult(
             text=text,
             token_ids=answer,
@@ -557,20 +638,14 @@ class ChatStream:
         self._cancel.set()
 
 
-def _frames(batch: dict[str, torch.Tensor]) -> list[Frame]:
-    """Split the processor's batch (one conversation) into per-image / per-frame tensors with keys."""
-    if "pixel_values" not in batch:
-        return []
-    counts = batch["object_counts"].tolist() if "object_counts" in batch else None
-    frames, start = [], 0
-    for j in range(batch["pixel_values"].shape[0]):
-        tensors = {
-            "pixel_values": batch["pixel_values"][j : j + 1],
-            "high_res_pixel_values": batch["high_res_pixel_values"][j : j + 1],
-        }
-        if counts is not None:
-            tensors["object_boxes"] = batch["object_boxes"][start : start + counts[j]]
-            tensors["object_counts"] = batch["object_counts"][j : j + 1]
-            start += counts[j]
-        frames.append(Frame(digest(*(tensors[k] for k in FRAME_KEYS if k in tensors)), tensors))
-    return frames
+def _check_continuous(config: GenerationConfig) -> None:
+    unsupported = {
+        name: value
+        for name, neutral in UNSUPPORTED_GENERATION.items()
+        if (value := getattr(config, name, None)) is not None and value != neutral
+    }
+    if unsupported:
+        raise ValueError(
+            f"the model's generation config sets {unsupported}, which continuous scheduling does not apply; "
+            "use Engine(..., scheduling='static') or reset them"
+        )

@@ -1,9 +1,11 @@
-"""Token streams out of one batched `generate`: per-row incremental text, per-row limits and cancellation.
+"""Token streams: per-row incremental text, and (for the static engine) per-row limits and cancellation.
 
-transformers' `TextIteratorStreamer` handles one sequence; a batched `generate` hands its streamer one
-token per row per step, `put(tokens (B,))`, after a first `put(prompt (B, L))`. `BatchStreamer` splits
-those into one `Detokenizer` per row, and `RowLimits` (a `StoppingCriteria`) ends each row at its own
-`max_new_tokens` or when its caller cancels, so requests with different limits share one `generate`.
+Each request's text goes through one `TextStream` (a `Detokenizer` plus the caller's callback; a failing
+callback loses its stream, not the batch). The continuous engine pushes each row's token to its stream as
+it is chosen. The static engine runs transformers' `generate`, which hands its streamer one token per row
+per step, `put(tokens (B,))`, after a first `put(prompt (B, L))`: `BatchStreamer` splits those over the
+rows' streams, and `RowLimits` (a `StoppingCriteria`) ends each row at its own `max_new_tokens` or when
+its caller cancels, so requests with different limits share one `generate`.
 
 A `Detokenizer` emits only text that will not change: the answer is `decode(ids).strip()` up to the
 template's stop token (what `MGLlavaProcessor.decode_answer` returns), so trailing whitespace and a
@@ -67,41 +69,47 @@ class Detokenizer:
         return delta
 
 
-class BatchStreamer(BaseStreamer):
-    """Routes each row's new tokens to its `Detokenizer` and its callback (rows without one are skipped)."""
+class TextStream:
+    """One answer's text as its tokens arrive, handed to `callback` (None: nobody listens)."""
 
-    def __init__(self, detokenizers: list[Detokenizer], callbacks: list[TextCallback | None]) -> None:
-        self.detokenizers = detokenizers
-        self.callbacks = callbacks
+    def __init__(self, detokenizer: Detokenizer, callback: TextCallback | None) -> None:
+        self.detokenizer = detokenizer
+        self.callback = callback
+
+    def push(self, token: int) -> None:
+        self._deliver(self.detokenizer.push(token))
+
+    def finish(self, text: str) -> None:
+        """The answer ended as `text`: send whatever of it the stream still held back."""
+        self._deliver(self.detokenizer.finish(text))
+
+    def _deliver(self, delta: str) -> None:
+        """A failing consumer (a closed pipe, a gone event loop) loses its stream, not the whole batch."""
+        if not delta or self.callback is None:
+            return
+        try:
+            self.callback(delta)
+        except Exception:
+            logger.exception("a text callback failed; its stream is dropped")
+            self.callback = None
+
+
+class BatchStreamer(BaseStreamer):
+    """Routes each row's new tokens out of `generate` to the row's `TextStream`."""
+
+    def __init__(self, streams: list[TextStream]) -> None:
+        self.streams = streams
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt (B, L)
             self.prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            delta = self.detokenizers[row].push(int(token))
-            callback = self.callbacks[row]
-            if delta and callback is not None:
-                self._deliver(row, callback, delta)
-
-    def _deliver(self, row: int, callback: TextCallback, delta: str) -> None:
-        """A failing consumer (a closed pipe, a gone event loop) loses its stream, not the whole batch."""
-        try:
-            callback(delta)
-        except Exception:
-            logger.exception("the text callback of row %d failed; its stream is dropped", row)
-            self.callbacks[row] = None
-
-    def finish(self, row: int, text: str) -> None:
-        """Row `row` ended with answer `text`: send whatever of it the stream still held back."""
-        delta = self.detokenizers[row].finish(text)
-        callback = self.callbacks[row]
-        if delta and callback is not None:
-            self._deliver(row, callback, delta)
+        for stream, token in zip(self.streams, value.reshape(-1).tolist(), strict=True):
+            stream.push(int(token))
 
     def end(self) -> None:
-        """Nothing to flush here: the engine calls `finish` with each row's final text."""
+        """Nothing to flush here: the engine calls each stream's `finish` with the row's final text."""
 
 
 class RowLimits(StoppingCriteria):
