@@ -24,7 +24,8 @@ def test_pooling_equals_reference_at_paper_size():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, args", [("bench_train.py", ["--steps", "2", "--samples", "40"]),
-                                          ("bench_serve.py", ["--clients", "1,2", "--requests", "1", "--max-tokens", "2"]),
+                                          ("bench_serve.py", ["--quick", "--clients", "1,2", "--requests", "1"]),
+                                          ("bench_turns.py", ["--quick", "--conversations", "1", "--max-tokens", "2"]),
                                           ("bench_serve_limits.py", ["--flood-mb", "0.5", "--budget", "2000000",
                                                                      "--body-mb", "2"]),
                                           ("bench_boxes.py", ["--images", "2", "--tags", "3", "--image-size", "64",
