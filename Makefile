@@ -70,14 +70,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench scripts
 	$(BIN)/ruff format src tests bench scripts
 
-# The model benches at real sizes (prefill, pooling, decode, scaling, memory; ~10-20 minutes on 2 cores),
+# The model benches at real sizes (prefill, pooling, decode, scaling, memory) and the serving benches (continuous vs
+# static batching, second turns); about 11 minutes on 2 cores,
 # every number from one run, written to bench/results.md. `bench/run.py --quick` is a smoke run (under a minute).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# The component benches with small models of their own: box proposals, evaluation, serving, second turns, training.
+# The component benches with small models of their own: box proposals, evaluation, training.
 bench-components: $(STAMP)
-	for f in boxes eval serve turns train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
+	for f in boxes eval train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache src/*.egg-info

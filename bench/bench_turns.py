@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bench_serve import HIGH, TEXT, VISION
-from common import matmul_peak
+from common import Record, measure_machine
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.inference import Engine, GenerationSettings
 
@@ -96,40 +96,57 @@ def run(engines: dict[str, Engine], conversations: int, max_tokens: int) -> dict
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 conversations of 8 tokens")
     parser.add_argument("--conversations", type=int, default=None, help="6 (3 with --quick)")
     parser.add_argument("--max-tokens", type=int, default=None, help="16 (8 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--record", help="write the results as JSON here (bench/run.py collects them)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.conversations = args.conversations or (3 if args.quick else 6)
     args.max_tokens = args.max_tokens or (8 if args.quick else 16)
+    record = Record("Second turn: prefix reuse vs recomputation", args.quick)
+    record.machine(measure_machine(args.quick))
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
     engines = build_engines()
     model = engines["reuse"].model
-    print(f"second-turn bench: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter MG-LLaVA "
+    say(f"second-turn bench: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter MG-LLaVA "
           f"({model.config.num_image_tokens} image tokens, 27M-parameter LLM), {args.conversations} conversations, "
           f"{args.max_tokens} new tokens per turn, float32, {torch.get_num_threads()} threads on {os.cpu_count()} "
-          f"cores, matmul peak {matmul_peak():.0f} GFLOP/s, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     results = run(engines, args.conversations, args.max_tokens)
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in ("ttft", "total", "prompt", "reused")}
                for name, rs in results.items()}  # fmt: skip
-    print(
-        f"  {'engine':>10} {'ttft s':>8} {'total s':>8} {'prompt':>7} {'reused':>7}   (second turn, medians)"
-    )
+    say(f"  {'engine':>10} {'ttft s':>8} {'total s':>8} {'prompt':>7} {'reused':>7}   (second turn, medians)")
     for name, m in medians.items():
-        print(f"  {name:>10} {m['ttft']:8.3f} {m['total']:8.3f} {m['prompt']:7.0f} {m['reused']:7.0f}")
+        say(f"  {name:>10} {m['ttft']:8.3f} {m['total']:8.3f} {m['prompt']:7.0f} {m['reused']:7.0f}")
     r, c = medians["reuse"], medians["recompute"]
     same = sum(
         a["tokens"] == b["tokens"] for a, b in zip(results["reuse"], results["recompute"], strict=True)
     )
-    print(f"  reuse / recompute: time to first text {r['ttft'] / c['ttft']:.2f}x, whole answer "
-          f"{r['total'] / c['total']:.2f}x; same answers {same}/{args.conversations}; "
-          f"load average after {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"  second turn, time to first text: ours (reuse) {r['ttft']:.3f} s, peer (recompute) {c['ttft']:.3f} s, "
-          f"ratio {r['ttft'] / c['ttft']:.2f}x; static engine {medians['static']['ttft']:.3f} s")  # fmt: skip
+    say(f"  reuse / recompute: time to first text {r['ttft'] / c['ttft']:.2f}x, whole answer "
+        f"{r['total'] / c['total']:.2f}x; same answers {same}/{args.conversations}; "
+        f"load average after {os.getloadavg()[0]:.1f}")  # fmt: skip
+    say(f"  second turn, time to first text: ours (reuse) {r['ttft']:.3f} s, peer (recompute) {c['ttft']:.3f} s, "
+        f"ratio {r['ttft'] / c['ttft']:.2f}x; static engine {medians['static']['ttft']:.3f} s")  # fmt: skip
+    record.lines += ["```", *lines, "```", ""]
+    ratio = r["ttft"] / c["ttft"]
+    record.values |= {"ttft_ratio": ratio, "same": same}
+    record.goal(
+        "second turn's time to first text vs recomputation",
+        "< 1x, same answers",
+        f"{ratio:.2f}x, same answers {same}/{args.conversations}",
+        ratio < 1 and same == args.conversations,
+    )
+    record.finish(args.record)
 
 
 if __name__ == "__main__":

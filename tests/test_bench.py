@@ -158,8 +158,16 @@ def test_suite_runner_writes_results(tmp_path):
     run.main(["--quick", "--out", str(out)])
     text = out.read_text()
     for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill", "## Object pooling", "## Decode",
-                    "## Prefill scaling", "## Memory"):  # fmt: skip
+                    "## Prefill scaling", "## Memory", "## Serving", "## Second turn"):  # fmt: skip
         assert heading in text
+
+
+def test_serving_benches_quick_record_their_goals(tmp_path):
+    serve = run_quick("bench_serve", tmp_path, "--clients", "1,2", "--requests", "1")
+    assert "continuous" in serve["markdown"] and "same answers 2/2" in serve["markdown"]
+    turns = run_quick("bench_turns", tmp_path, "--conversations", "1", "--max-tokens", "2")
+    assert turns["values"]["same"] == 1 and turns["values"]["ttft_ratio"] > 0
+    assert [g["goal"] for g in turns["goals"]] == ["second turn's time to first text vs recomputation"]
 
 
 def test_memory_bench_materialises_meta_models_with_real_buffers():
