@@ -85,7 +85,8 @@ def json_items(body: bytes) -> int:
 
 WIDE_MODES_WEIGHT = 3
 """16-bit, 32-bit and float images (PIL modes I;16*, I, F) count 3x: decoding converts them to 8 bits through a
-float64 array (`data.images`), about 16 bytes a pixel against 6 for 8-bit RGB (bench_serve_limits.py)."""
+float32 array (`media.images`; ~16 bytes a pixel with float64 before), on top of the decoded image itself; the
+weight was measured with float64 (bench_serve_limits.py) and is kept as a margin."""
 
 
 class ImageHeader(NamedTuple):
