@@ -2,7 +2,7 @@
 tokens, with the image's visual rows in the prompt (the scoring half of a harness's `loglikelihood`).
 
     [(Prepared prompt ids (T_i, placeholders for the visual rows), continuation ids (M_i)), ...]
-        --unique frames by content key--> get_image_features once per image (rows (576 + n, H) each)
+        --`Engine.visual_rows`: from the feature cache, or encoded once per image (rows (576 + n, H) each)
         --left-pad prompt + continuation to (B, W), positions from the mask, keep the last max(M_i) + 1 logits-->
         log_softmax at the positions before each continuation token (B, M_i, V) --> sum, mean, greedy?
 
@@ -35,19 +35,6 @@ class ContinuationScore:
         return -self.logprob / self.tokens
 
 
-def _visual_rows(engine: Engine, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
-    """Every frame's (rows, H) features in request order, each distinct frame encoded once."""
-    unique = {frame.key: frame for p in prepared for frame in p.frames}
-    rows: dict[str, torch.Tensor] = {}
-    todo = list(unique.values())
-    for start in range(0, len(todo), engine.encode_batch_size):
-        chunk = todo[start : start + engine.encode_batch_size]
-        stacked = {k: torch.cat([f.tensors[k] for f in chunk]) for k in chunk[0].tensors}
-        output = engine.model.get_image_features(**stacked)
-        rows.update({f.key: r for f, r in zip(chunk, output.pooler_output, strict=True)})
-    return [rows[frame.key] for p in prepared for frame in p.frames]
-
-
 def score_continuations(
     engine: Engine, batch: Sequence[tuple[Prepared, Sequence[int]]]
 ) -> list[ContinuationScore]:
@@ -57,24 +44,18 @@ def score_continuations(
     if any(len(cont) == 0 for _, cont in batch):
         raise ValueError("a continuation to score must have at least one token")
     sequences = [list(p.input_ids) + list(cont) for p, cont in batch]
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(batch), width), engine.processor.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[i, width - len(seq) :] = 1
+    ids, mask = engine.left_pad(sequences)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(len(cont) for _, cont in batch) + 1  # the logits before each continuation token
-    device = engine.model.device
     with torch.no_grad():
-        rows = _visual_rows(engine, [p for p, _ in batch])
+        rows = engine.visual_rows([frame for p, _ in batch for frame in p.frames])
         extra = (
             {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=rows)}} if rows else {}
         )
         logits = engine.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
             logits_to_keep=keep,
             **extra,
         ).logits  # (B, keep, V): positions width - keep .. width - 1
