@@ -47,7 +47,7 @@ def built(tmp_path_factory):
 
 def test_built_benchmark_checks_out_and_is_deterministic(built, tmp_path):
     report = verify_benchmark(built)
-    assert report == {"answers_checked": 54, "kinds_checked": 54,
+    assert report == {"answers_checked": 18, "kinds_checked": 18,
                       "annotation_facts_checked": report["annotation_facts_checked"],
                       "shared_source_images": 0}  # fmt: skip
     again = tmp_path / "again"
@@ -57,7 +57,7 @@ def test_built_benchmark_checks_out_and_is_deterministic(built, tmp_path):
     kinds = Counter(
         json.loads(line)["category"] for line in (built / "test/test.jsonl").read_text().splitlines()
     )
-    assert kinds["a"] == 6 and kinds["b"] + kinds["c"] == 12 and set(kinds) <= set(KINDS)
+    assert kinds["a"] == 2 and kinds["b"] + kinds["c"] == 4 and set(kinds) <= set(KINDS)  # one part per scene
 
 
 def test_a_wrong_answer_or_kind_is_caught(built, tmp_path):
@@ -80,6 +80,25 @@ def test_a_wrong_answer_or_kind_is_caught(built, tmp_path):
 def test_the_small_shape_and_stripe_are_where_the_scene_says_and_the_stripe_is_never_boxed(built):
     from PIL import Image
 
+    spec = SceneSpec()
+    asked = [json.loads(line) for line in (built / "train/test.jsonl").read_text().splitlines()]
+    assert [q["part"] for q in asked] == ["big", "small", "stripe"] * 4  # one part shown per scene, in turn
+    small_cells, stripe_cells = set(), set()
+    for line in (built / "train/scenes.jsonl").read_text().splitlines():
+        boxes = json.loads(line)["boxes"]
+        small_cells.add((int(boxes["small"][0]) // spec.cell, int(boxes["small"][1]) // spec.cell))
+        stripe_cells.add((int(boxes["stripe"][0]) // spec.cell, int(boxes["stripe"][1]) // spec.cell))
+    assert stripe_cells == {spec.stripe_cell} and len(small_cells) > 6  # the small shape lies anywhere
+    for line in (built / "train/scenes.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        small, near = scene["boxes"]["small"], scene["boxes"]["neighbour"]
+        assert [int(v) // spec.cell for v in small[:2]] == [int(v) // spec.cell for v in near[:2]]  # one cell
+        assert small[2] <= near[0] or near[2] <= small[0] or small[3] <= near[1] or near[3] <= small[1]
+        assert (
+            spec.neighbour_length[0] <= max(near[2] - near[0], near[3] - near[1]) <= spec.neighbour_length[1]
+        )
+        assert min(near[2] - near[0], near[3] - near[1]) == spec.neighbour_width
+        assert scene["sources"]["neighbour"]["color"] != scene["sources"]["small"]["color"]
     for line in (built / "test/scenes.jsonl").read_text().splitlines():
         scene = json.loads(line)
         image = Image.open(built / "test/images" / f"{scene['id']}.png").convert("RGB")
@@ -241,10 +260,10 @@ def test_probe_features_and_linear_probe(built):
 
     feats, colours = features(built / "test")
     scenes = [json.loads(line) for line in (built / "test/scenes.jsonl").read_text().splitlines()]
-    for part in PARTS:
-        assert list(colours[part]) == [s["sources"][part]["color"] for s in scenes]
+    for part in PARTS:  # only the scenes that show the part (one part per scene: 2 of the 6)
+        assert list(colours[part]) == [s["sources"][part]["color"] for s in scenes if part in s["shown"]]
         dims = {name: f.shape for name, f in feats[part].items()}
-        assert dims["clip_cell"] == (6, 64) and dims["convnext_s4"] == (6, 64) and dims["object"] == (6, 160)
+        assert dims["clip_cell"] == (2, 64) and dims["convnext_s4"] == (2, 64) and dims["object"] == (2, 160)
     rng = np.random.default_rng(0)
     labels = np.array(["red", "blue", "green"] * 40)
     centres = {c: rng.normal(size=5) * 4 for c in ("red", "blue", "green")}

@@ -43,9 +43,10 @@ class Job:
 
     name: str  # "<variant>/seed<k>"
     root: Path
-    stage_steps: tuple[int, int]
+    stage_steps: tuple[int, ...]
     questions: int
     args: tuple[Any, ...]  # passed to the work function in the worker
+    needs: tuple[Path, ...] = ()  # files that must exist before the job starts (what other jobs make)
 
     @property
     def result(self) -> Path:
@@ -79,6 +80,29 @@ class Job:
                 return f"{self.name} stage {k + 1} {_last_step(self.root / stage / 'metrics.jsonl')}/{self.stage_steps[k]}"
         answers = sum(_lines(p) for p in (self.root / "eval" / "shards").glob("*.jsonl"))
         return f"{self.name} eval {min(answers, self.questions)}/{self.questions}"
+
+
+@dataclass(frozen=True)
+class TowerJob(Job):
+    """One tower's pretraining (`pretrain.train_tower`): done when its weights file exists; progress is the
+    last step in `<tower>.progress.jsonl`."""
+
+    tower: str = ""
+    work: Callable[..., Any] | None = None  # run instead of the runner's work function
+
+    @property
+    def result(self) -> Path:
+        return self.root / f"{self.tower}.safetensors"
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"{self.tower}.log.txt"
+
+    def done_units(self) -> float:
+        return self.total if self.result.is_file() else _last_step(self.root / f"{self.tower}.progress.jsonl")
+
+    def status(self) -> str:
+        return f"{self.name} {int(self.done_units())}/{self.stage_steps[0]}"
 
 
 def _lines(path: Path) -> int:
@@ -119,8 +143,9 @@ def run_jobs(
     say: Callable[[str], None],
     preload: str,
 ) -> None:
-    """Run every job not yet done, at most `workers` at a time; `on_done(job)` gives the line said as each
-    finishes (at once for the jobs found done)."""
+    """Run every job not yet done, at most `workers` at a time, each once the files it `needs` exist (in list
+    order among the ready ones); `on_done(job)` gives the line said as each finishes (at once for the jobs
+    found done)."""
     todo = [j for j in jobs if not j.result.is_file()]
     for job in jobs:
         if job.result.is_file():
@@ -133,9 +158,10 @@ def run_jobs(
     bar = tqdm(total=round(sum(j.total for j in jobs)), unit="step", desc="demo", dynamic_ncols=True)
     try:
         while todo or running:
-            while todo and len(running) < workers:
-                job = todo.pop(0)
-                process = context.Process(target=_worker, args=(work, job), name=job.name)
+            while len(running) < workers and (job := _next_ready(todo, running)) is not None:
+                todo.remove(job)
+                target = getattr(job, "work", None) or work
+                process = context.Process(target=_worker, args=(target, job), name=job.name)
                 process.start()
                 running[job.name] = (job, process)
             time.sleep(POLL_SECONDS)
@@ -157,6 +183,17 @@ def run_jobs(
         for _, process in running.values():
             process.join()
         bar.close()
+
+
+def _next_ready(todo: list[Job], running: dict[str, Any]) -> Job | None:
+    """The first job whose needed files exist; refuses a wait that nothing running can end."""
+    ready = next((j for j in todo if all(p.is_file() for p in j.needs)), None)
+    if ready is None and todo and not running:
+        missing = sorted({str(p) for j in todo for p in j.needs if not p.is_file()})
+        raise RunFailed(
+            f"runs {', '.join(j.name for j in todo)} wait for files no job makes: {', '.join(missing)}"
+        )
+    return ready
 
 
 def _tail(path: Path, lines: int = 25) -> str:

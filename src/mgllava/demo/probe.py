@@ -1,4 +1,4 @@
-"""Linear probes of the demo model's frozen random towers: which features hold which question kind's answer.
+"""Linear probes of the demo model's frozen towers: which features hold which question kind's answer.
 
     for each scene part (big shape, small shape, stripe) and each feature the model can read:
         clip_cell      the low-res CLIP token of the part's cell                     (64,)  what the baseline sees
@@ -9,8 +9,8 @@
     fit a logistic regression on train scenes, report held-out accuracy of the part's colour (chance 12.5%).
 
 If a feature's probe is at chance, no amount of training the modules after it can answer from it: the
-evidence the README gives for what the Conv-Gate can and cannot bring with frozen random towers.
-The towers are initialised as the demo's training initialises them (same config, `torch.manual_seed`).
+README's evidence for why the demo pretrains its towers (`pretrain.py`). Random towers are initialised as
+the demo's model is (same config, `torch.manual_seed`); `--towers <data>/towers` probes the pretrained ones.
 """
 
 from __future__ import annotations
@@ -23,27 +23,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-PARTS = ("big", "small", "stripe")
+from .scenes import PARTS
 
 
-def _towers(seed: int) -> Any:
+def _towers(seed: int, towers: Path | None = None) -> Any:
     from ..model.configuration import MGLlavaConfig
     from ..model.modeling import MGLlavaForConditionalGeneration
+    from .pretrain import load_towers
 
     torch.manual_seed(seed)
     config = MGLlavaConfig.from_preset("demo", fusion="conv_gate", object_tokens="concat")
-    return MGLlavaForConditionalGeneration(config).eval()
+    model = MGLlavaForConditionalGeneration(config).eval()
+    if towers is not None:
+        load_towers(model, towers)
+    return model
 
 
 @torch.no_grad()
 def features(
-    split_dir: Path, seed: int = 0, limit: int | None = None
+    split_dir: Path, seed: int = 0, limit: int | None = None, towers: Path | None = None
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """(features[part][name] (n, d), colours[part] (n,)) for the scenes of one built split."""
+    """(features[part][name] (n, d), colours[part] (n,)) for the scenes of one built split; random towers
+    (initialised from `seed`), or the pretrained ones in `towers`."""
     from ..data.processor import MGLlavaProcessor
     from ..model.objects import pool_object_features
 
-    model = _towers(seed)
+    model = _towers(seed, towers)
     pixels_of = MGLlavaProcessor.from_preset("demo").image_processor.pixels
     layout = [json.loads(line) for line in (split_dir / "scenes.jsonl").read_text().splitlines()][:limit]
     side, grid = model.high_res_tower.image_size, 6
@@ -58,7 +63,7 @@ def features(
         stages = model.high_res_tower(torch.stack(highs))  # 4 x (B, C_k, 192 / 4 / 2^k, ...)
         for i, (record, image) in enumerate(zip(batch, images, strict=True)):
             canvas = np.asarray(image, dtype=np.float32) / 255
-            for part in PARTS:
+            for part in record.get("shown", PARTS):  # a part not drawn in this scene has nothing to probe
                 box = record["boxes"][part]
                 cx, cy = int((box[0] + box[2]) / 2 // cell), int((box[1] + box[3]) / 2 // cell)
                 feats = {"clip_cell": low[i, cy * grid + cx].numpy()}
@@ -105,10 +110,11 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         return round(100 * float((layer(xt).argmax(1) == yt).double().mean()), 1)
 
 
-def probe(data: Path, seed: int = 0, limit: int | None = None) -> dict[str, dict[str, float]]:
+def probe(data: Path, seed: int = 0, limit: int | None = None, towers: Path | None = None
+          ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Held-out accuracy (%) of a linear probe per part and feature (train scenes fit, test scenes score)."""
-    train, train_y = features(data / "train", seed, limit)
-    test, test_y = features(data / "test", seed, limit)
+    train, train_y = features(data / "train", seed, limit, towers)
+    test, test_y = features(data / "test", seed, limit, towers)
     return {part: {name: linear_probe(train[part][name], train_y[part], test[part][name], test_y[part])
                    for name in train[part]} for part in PARTS}  # fmt: skip
 
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="scenes per split (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="the towers' initialisation seed")
     parser.add_argument(
+        "--towers", type=Path, help="probe the pretrained towers in this folder (<data>/towers)"
+    )
+    parser.add_argument(
         "--gates", type=Path, help="instead: the Conv-Gate of every trained run under this folder"
     )
     args = parser.parse_args(argv)
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             if json.loads((final / "config.json").read_text()).get("fusion") == "conv_gate":
                 print(final.parent.parent.relative_to(args.gates), gate_opening(final, images))
         return 0
-    table = probe(args.data, args.seed, args.limit)
+    table = probe(args.data, args.seed, args.limit, args.towers)
     names = list(next(iter(table.values())))
     print("| part | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))

@@ -21,7 +21,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from ..train.config import TrainConfig
 from ..train.trainer import Trainer
 from ..utils.io import atomic_write_json, atomic_write_text, read_jsonl
 from .check import verify_benchmark
-from .jobs import Job, run_jobs
+from .jobs import Job, TowerJob, run_jobs
+from .pretrain import PretrainSettings, load_towers, tower_jobs, tower_summary, towers_line
 from .report import collapse_note, markdown, plot, summarize, verdict
 from .scenes import KINDS, SceneSpec, build_split
 
@@ -72,18 +73,20 @@ BATCH = 16  # the demo stages' global batch (configs/train/demo-stage*.yaml)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    train_scenes: int = 1000
-    test_scenes: int = 200
+    train_scenes: int = 3000
+    test_scenes: int = 600
     captions: int = 256  # stage-1 pairs used (of train_scenes)
-    stage2_epochs: int = 3
+    stage2_epochs: int = 2
     seeds: int = 3
     data_seed: int = 0
     save_every: int = 40  # trainer checkpoints: what an interruption can lose
     overrides: tuple[str, ...] = ()  # extra training-config overrides for both stages (experiments)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)  # the towers' stand-in pretraining
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(train_scenes=320, test_scenes=48, captions=64, stage2_epochs=2, seeds=1, save_every=10)
+        return cls(train_scenes=320, test_scenes=48, captions=64, stage2_epochs=2, seeds=1, save_every=10,
+                   pretrain=PretrainSettings.quick())  # fmt: skip
 
     def steps(self) -> tuple[int, int]:
         return self.captions // BATCH, self.train_scenes // BATCH * self.stage2_epochs
@@ -91,13 +94,17 @@ class DemoSettings:
 
 HONESTY = """\
 What is real and what is not:
-- data: real easy-vqa images and annotations, composed into scenes (a big shape, a small one, a stripe,
-  bare panels). The boxes are NOT from a detector: a simulated OWLv2 boxes the true objects with stated
+- data: real easy-vqa images and annotations, composed into scenes (a big shape, a small one or a stripe,
+  among bare panels). The boxes are NOT from a detector: a simulated OWLv2 boxes the true objects with stated
   recall (95% large, {small_recall:.0%}-ish small), box noise and false positives (demo/detector.py).
-- weights: every network starts from random initialisation - nothing pretrained exists on this machine.
-  Vision towers (CLIP, ConvNeXt): random and frozen in both stages, as the paper freezes its (pretrained)
-  towers. LLM: random; frozen in stage 1, trained in stage 2. Trained: fusion, projector, box projector,
-  object mixer (both stages) and the LLM (stage 2); the *_trained_* variants also train the tower they name.
+- weights: nothing pretrained exists on this machine. The vision towers (CLIP at 84 px, ConvNeXt at
+  192 px) get a stand-in pretraining first: each learns to name the colour in every cell of other scenes
+  with the parts anywhere (demo/pretrain.py); then they stay frozen in both stages, as the paper freezes
+  its pretrained towers. LLM: random; frozen in stage 1, trained in stage 2. Trained: fusion, projector,
+  box projector, object mixer (both stages) and the LLM (stage 2); the *_trained_* variants also train the
+  tower they name.
+- questions: one part per scene (a big shape, a small shape or a stripe), so the LLM, which starts from
+  random weights, need not also learn to route a question to one of several parts.
 - scale: a {params:,}-parameter miniature at 84/192 px on a CPU, minutes not days; the numbers show the
   direction of the paper's ablation on a task built to need each granularity, not the paper's benchmarks."""
 
@@ -152,17 +159,44 @@ def build_data(out: Path, settings: DemoSettings, say: Callable[[str], None]) ->
     return summary
 
 
+def base_model(name: str, seed: int, towers: Path, out: Path) -> Path:
+    """The run's starting folder, as `mgllava assemble` makes one for the paper's stage 1: the variant's
+    model with the pretrained towers and a random LLM and new modules (from `seed`), and its processor."""
+    import torch
+
+    from ..convert.folder import configure_generation, write_folder
+    from ..data.processor import MGLlavaProcessor
+    from ..model.configuration import MGLlavaConfig
+    from ..model.modeling import MGLlavaForConditionalGeneration
+
+    if (out / "config.json").is_file():
+        return out
+    variant = VARIANTS[name]
+    config = MGLlavaConfig.from_preset("demo", fusion=variant.fusion, object_tokens=variant.object_tokens)
+    preset = MGLlavaProcessor.from_preset("demo")
+    processor = MGLlavaProcessor.for_config(config, preset.tokenizer, template=preset.template)
+    torch.manual_seed(seed)
+    model = MGLlavaForConditionalGeneration(config)
+    configure_generation(model, processor)
+    load_towers(model, towers)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_folder(model, processor, partial)
+    partial.rename(out)
+    return out
+
+
 def train_variant(name: str, seed: int, data: Path, root: Path, settings: DemoSettings) -> Path:
     variant = VARIANTS[name]
     src = f"data.sources=[{{path: {data}/train/PAIRS, image_root: {data}/train/images, boxes: {data}/train/{variant.boxes}}}]"
     common = [f"seed={seed}", f"save_every={settings.save_every}", *settings.overrides]
     tower = "".join(f", {t}" for t in variant.train_towers)
     if not (root / "stage1/final").is_dir():
+        base = base_model(name, seed, data / "towers", root / "base")
         stage1 = src.replace("PAIRS", "captions.json").replace(
             "}]", f", sample: 'first:{settings.captions}'}}]"
         )
-        overrides = f"model_overrides={{fusion: {variant.fusion}, object_tokens: {variant.object_tokens}}}"
-        config = load_config(TrainConfig, "demo-stage1", [stage1, overrides, f"output_dir={root}/stage1",
+        config = load_config(TrainConfig, "demo-stage1", [stage1, f"model={base}", f"output_dir={root}/stage1",
                                                           f"stage.trainable=[new_modules{tower}]", *common])  # fmt: skip
         Trainer(config).run()
     if not (root / "stage2/final").is_dir():
@@ -208,22 +242,42 @@ def execute_run(name: str, seed: int, data: Path, root: Path, settings: DemoSett
     atomic_write_json(root / "result.json", result)
 
 
+def _needs(name: str, towers: Path) -> tuple[Path, ...]:
+    """The pretrained towers a variant's model has (the baseline has no ConvNeXt)."""
+    from ..model.configuration import MGLlavaConfig
+
+    variant = VARIANTS[name]
+    config = MGLlavaConfig.from_preset("demo", fusion=variant.fusion, object_tokens=variant.object_tokens)
+    wanted = ("vision_tower", "high_res_tower") if config.uses_high_res else ("vision_tower",)
+    return tuple(towers / f"{t}.safetensors" for t in wanted)
+
+
 def _jobs(variants: tuple[str, ...], seeds: int, data: Path, runs: Path, settings: DemoSettings,
           questions: int) -> list[Job]:  # fmt: skip
+    """The towers' pretrainings, then every run (each waits for the towers its model has)."""
     return [
-        Job(
-            f"{name}/seed{seed}",
-            runs / name / f"seed{seed}",
-            settings.steps(),
-            questions,
-            (name, seed, data, runs / name / f"seed{seed}", settings),
-        )
-        for name in variants
-        for seed in range(seeds)
+        *tower_jobs(data / "towers", settings.pretrain),
+        *(
+            Job(
+                f"{name}/seed{seed}",
+                runs / name / f"seed{seed}",
+                settings.steps(),
+                questions,
+                (name, seed, data, runs / name / f"seed{seed}", settings),
+                needs=_needs(name, data / "towers"),
+            )
+            for name in variants
+            for seed in range(seeds)
+        ),
     ]
 
 
 def _finished_line(job: Job) -> str:
+    if isinstance(job, TowerJob):
+        accuracy = json.loads((job.root / f"{job.tower}.json").read_text())["accuracy"]
+        return f"pretrained {job.tower}: held-out colour at the part's cell " + ", ".join(
+            f"{part} {value:.0f}%" for part, value in accuracy.items()
+        )
     result = json.loads(job.result.read_text())
     kinds = "  ".join(f"{k} {v:5.1f}" for k, v in result["kinds"].items())
     title = VARIANTS[result["variant"]].title
@@ -250,10 +304,15 @@ def run_demo(out: str | Path, variants: tuple[str, ...] = DEFAULT_VARIANTS, quic
     summary = build_data(data, settings, say)
     questions = sum(summary["test"]["questions"].values())
     jobs = _jobs(variants, settings.seeds, data, out / "runs", settings, questions)
-    say(f"training and evaluating {len(jobs)} runs ({', '.join(variants)} x {settings.seeds} seed(s)), "
-        f"{workers} at a time, one torch thread each; logs in {out}/runs/<variant>/seed<k>/log.txt")  # fmt: skip
+    runs = [j for j in jobs if not isinstance(j, TowerJob)]
+    say(f"pretraining the two vision towers ({settings.pretrain.steps} steps each; nothing pretrained exists "
+        f"here), then training and evaluating {len(runs)} runs ({', '.join(variants)} x {settings.seeds} "
+        f"seed(s)); {workers} jobs at a time, one torch thread each, a run starting once its towers are "
+        f"pretrained; logs in {out}/runs/<variant>/seed<k>/log.txt")  # fmt: skip
     run_jobs(jobs, execute_run, workers, _finished_line, say, preload="mgllava.demo.run")
-    results = [json.loads(j.result.read_text()) for j in jobs]
+    summary["towers"] = tower_summary(data / "towers")
+    say(towers_line(summary["towers"]))
+    results = [json.loads(j.result.read_text()) for j in runs]
     rows = summarize(results, VARIANTS)
     table = markdown(rows, settings.seeds)
     report = {"rows": rows, "verdict": verdict(rows), "data": summary, "settings": asdict(settings),

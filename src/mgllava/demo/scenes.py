@@ -1,22 +1,29 @@
-"""The demo's scene benchmark: real easy-vqa shapes at three granularities on one canvas.
+"""The demo's scene benchmark: real easy-vqa shapes at three granularities, one part per scene.
 
     canvas 192 x 192 (the demo model's high-res side), a 6 x 6 grid of 32 px cells (one CLIP patch of the
-    84 px low-res view, one cell of the ConvNeXt's last stage):
-      big shape   an easy-vqa shape scaled to 40-64 px, on its own background, in a 2 x 2 block of cells
-      small shape an easy-vqa shape scaled down to 3-6 px, on a bare easy-vqa panel, in one cell
-      stripe      a 1 px band cut from an easy-vqa shape, 16-28 px long, on a bare panel, in one cell
+    84 px low-res view, one cell of the ConvNeXt's last stage); each scene shows ONE part, in turn:
+      big shape   an easy-vqa shape scaled to 40-64 px, on its own background, in the 2 x 2 block of cells
+                  at `SceneSpec.big_cell`
+      small shape an easy-vqa shape scaled down to 3-6 px, on a bare easy-vqa panel, in a random free cell,
+                  sharing it with a neighbour: a 3 px band of another colour, 10-14 px long, in the other
+                  half of the cell (the band dominates the cell's colour; it is not an object, never boxed)
+      stripe      a 1 px band cut from an easy-vqa shape, 16-28 px long, on a bare panel, at `stripe_cell`
       clutter     bare easy-vqa panels (their shape painted out) in other cells
-    the three colours differ, so no answer can be read off another object. The parts lie at fixed cells
-    (`SceneSpec.big_cell`, `small_cell`, `stripe_cell`; their spot inside the cell is random): a 1M-parameter
-    LLM trained for minutes has to learn which rows hold the answer, not also a visual search for the part.
-    Even so, the baseline learns to read the big shape's rows only after ~400 stage-2 steps (README).
+    The big shape and the stripe lie at fixed cells (their spot inside the cell is random), so an LLM trained
+    from random weights for minutes learns where to look rather than a visual search; the small shape lies
+    anywhere, as small objects do: a detector's box finds it wherever it is. One part per scene
+    (`layout="separate"`) because a random-weight LLM given all three parts and three questions did not
+    learn, within the demo's budget, to route each question to its part (every variant collapsed to one
+    colour; README); `layout="combined"` keeps that design. A part not shown is still drawn on a blank
+    canvas, so every scene's random draws are the same either way.
 
-Questions, three kinds, asked of every scene and scored separately (`KINDS`):
+Questions, three kinds, asked of the part each scene shows and scored separately (`KINDS`):
 
     a  "What color is the big shape?"    large: the low-res view shows it
     b  "What color is the small shape?"  when the simulated detector found it: its object token holds it
     c  "What color is the small shape?"  when the detector missed it, and "What color is the stripe?"
-                                          (not an object: never boxed): only the high-res view has them
+                                          (not an object: never boxed): only the high-res view has the
+                                          stripe; a missed small shape is lost under its neighbour band
 
 In the paper's 768 px frame (x4) the big shape is a 160-256 px object and the small one 12-24 px, below
 COCO's 32 px "small" bound; in the 84 px low-res view the small shape is 1.3-2.6 px and the stripe under
@@ -47,6 +54,7 @@ QUESTIONS = {
     "small": "What color is the small shape?",
     "stripe": "What color is the stripe?",
 }
+PARTS = tuple(QUESTIONS)  # big, small, stripe
 KINDS = {
     "a": "large shape: visible at low resolution",
     "b": "small shape the detector found: an object token holds it",
@@ -65,13 +73,21 @@ class SceneSpec:
     small_side: tuple[int, int] = (3, 6)  # the small shape's longer side, px
     stripe_length: tuple[int, int] = (16, 28)
     stripe_width: int = 1
-    # Where the parts lie (cells, x then y): fixed, so that a 1M-parameter LLM trained for a minute has to
-    # learn which token holds the answer, not a visual search for the part (see the module docstring).
+    # A band of another colour shares the small shape's cell (one half each): the 32 px grid cell then mixes
+    # two colours, the band's dominant, as small objects sit among other things in real images; the
+    # detector's box isolates the small shape (a band, like the stripe, is not an object: never boxed).
+    neighbour_length: tuple[int, int] | None = (10, 14)
+    neighbour_width: int = 3
+    # Where the parts lie (cells, x then y), see the module docstring; `small_cell` only when not
+    # `small_anywhere`.
     big_cell: tuple[int, int] = (1, 1)
     small_cell: tuple[int, int] = (4, 1)
     stripe_cell: tuple[int, int] = (1, 4)
     train_turns: int = 3  # questions per training conversation (random parts, random order); test asks all
-    layout: str = "combined"  # combined: all three parts, three questions; separate: one part per scene
+    # The small shape lies in a random free cell (a detector finds objects anywhere; an LLM reading a grid
+    # has to know where to look, so the stripe, kind c's other half, stays at `stripe_cell`).
+    small_anywhere: bool = True
+    layout: str = "separate"  # combined: all three parts, three questions; separate: one part per scene
     detector: DetectorModel = field(default_factory=DetectorModel)
 
     @property
@@ -96,18 +112,16 @@ class Scene:
     stripe: Placed
     clutter: list[int]  # easy-vqa ids of the bare panels
     shown: tuple[str, ...] = ("big", "small", "stripe")
+    neighbour: Placed | None = None  # the band sharing the small shape's cell
 
     @property
     def sources(self) -> list[int]:
-        return [
-            self.big.source.image_id,
-            self.small.source.image_id,
-            self.stripe.source.image_id,
-            *self.clutter,
-        ]
+        near = [self.neighbour.source.image_id] if self.neighbour else []
+        return [self.big.source.image_id, self.small.source.image_id, self.stripe.source.image_id, *near,
+                *self.clutter]  # fmt: skip
 
     def objects(self) -> list[SceneObject]:
-        """What a detector could box: the two shapes (a stripe is not an object)."""
+        """What a detector could box: the two shapes (a stripe or band is not an object)."""
         return [
             SceneObject(getattr(self, p).source.shape, getattr(self, p).box)
             for p in ("big", "small")
@@ -163,26 +177,41 @@ class Composer:
         return bare(self.image(annotation)).resize((size, size), Image.BOX)
 
     def compose(
-        self, rng: random.Random, scene_id: str, shown: tuple[str, ...] = ("big", "small", "stripe")
+        self,
+        rng: random.Random,
+        scene_id: str,
+        shown: tuple[str, ...] = ("big", "small", "stripe"),
+        anywhere: bool = False,
     ) -> Scene:
+        """One scene; `anywhere` puts every part in random cells (the towers' pretraining scenes)."""
         spec, cell = self.spec, self.spec.cell
         big_src, small_src, stripe_src = self._three_colours(rng)
-        block = spec.big_cell  # top-left cell of the 2 x 2 block
-        taken = {(block[0] + dx, block[1] + dy) for dx in (0, 1) for dy in (0, 1)} | {
-            spec.small_cell,
-            spec.stripe_cell,
-        }
-        free = [(x, y) for y in range(spec.grid) for x in range(spec.grid) if (x, y) not in taken]
-        cells = [spec.small_cell, spec.stripe_cell, *rng.sample(free, spec.clutter)]
+        block = (rng.randrange(spec.grid - 1), rng.randrange(spec.grid - 1)) if anywhere else spec.big_cell
+        taken = {(block[0] + dx, block[1] + dy) for dx in (0, 1) for dy in (0, 1)}  # the big shape's 2 x 2
+        fixed = {} if anywhere else {"stripe": spec.stripe_cell}
+        if not (anywhere or spec.small_anywhere):
+            fixed["small"] = spec.small_cell
+        free = [(x, y) for y in range(spec.grid) for x in range(spec.grid)
+                if (x, y) not in taken | set(fixed.values())]  # fmt: skip
+        picks = rng.sample(free, 2 - len(fixed) + spec.clutter)
+        cells = [fixed["small"] if "small" in fixed else picks.pop(0),
+                 fixed["stripe"] if "stripe" in fixed else picks.pop(0), *picks]  # fmt: skip
         canvas = Image.new("RGB", (spec.side, spec.side), (255, 255, 255))
         blank = Image.new("RGB", canvas.size)
         big = self._big(rng, canvas if "big" in shown else blank, big_src, block)
-        small = self._small(rng, canvas if "small" in shown else blank, small_src, cells[0])
+        near_src = self._other_colour(rng, small_src) if spec.neighbour_length else None
+        small, near = self._small(rng, canvas if "small" in shown else blank, small_src, cells[0], near_src)
         stripe = self._stripe(rng, canvas if "stripe" in shown else blank, stripe_src, cells[1])
         clutter = rng.sample(self.pool, spec.clutter)
         for annotation, (x, y) in zip(clutter, cells[2:], strict=True):
             canvas.paste(self.panel(annotation, cell), (x * cell, y * cell))
-        return Scene(scene_id, canvas, big, small, stripe, [a.image_id for a in clutter], shown)
+        return Scene(scene_id, canvas, big, small, stripe, [a.image_id for a in clutter], shown, near)
+
+    def _other_colour(self, rng: random.Random, than: Annotation) -> Annotation:
+        while True:
+            pick = rng.choice(self.pool)
+            if pick.color != than.color:
+                return pick
 
     def _three_colours(self, rng: random.Random) -> tuple[Annotation, Annotation, Annotation]:
         while True:
@@ -216,14 +245,34 @@ class Composer:
         return Placed(src, (x0 + sb[0], y0 + sb[1], x0 + sb[2], y0 + sb[3]))
 
     def _small(
-        self, rng: random.Random, canvas: Image.Image, src: Annotation, cell: tuple[int, int]
-    ) -> Placed:
-        """The shape shrunk to 3-6 px at a random spot of a bare panel of its own image."""
+        self,
+        rng: random.Random,
+        canvas: Image.Image,
+        src: Annotation,
+        cell: tuple[int, int],
+        neighbour: Annotation | None,
+    ) -> tuple[Placed, Placed | None]:
+        """The shape shrunk to 3-6 px at a random spot of a bare panel of its own image; with a neighbour,
+        a 3 px band of the neighbour's colour in one half of the cell (random side), the small shape in the
+        other."""
         c = self.spec.cell
         x0, y0 = cell[0] * c, cell[1] * c
         canvas.paste(self.panel(src, c), (x0, y0))
-        shape = self._shape_crop(src, rng.randint(*self.spec.small_side))
-        px, py = x0 + rng.randint(1, c - shape.width - 1), y0 + rng.randint(1, c - shape.height - 1)
+        region, near = (x0, y0, x0 + c, y0 + c), None
+        if neighbour is not None:
+            halves = _halves(region, across=rng.random() < 0.5)
+            first, second = halves if rng.random() < 0.5 else halves[::-1]
+            length = rng.randint(*self.spec.neighbour_length)
+            near = self._band(rng, canvas, neighbour, first, length, self.spec.neighbour_width)
+            region = second
+        return self._paste_shape(rng, canvas, src, rng.randint(*self.spec.small_side), region), near
+
+    def _paste_shape(self, rng: random.Random, canvas: Image.Image, src: Annotation, side: int,
+                     region: tuple[int, int, int, int]) -> Placed:  # fmt: skip
+        """The annotation's shape, its longer side `side` px, at a random spot of `region` (1 px margin)."""
+        shape = self._shape_crop(src, side)
+        px = rng.randint(region[0] + 1, region[2] - shape.width - 1)
+        py = rng.randint(region[1] + 1, region[3] - shape.height - 1)
         mask = Image.fromarray((~_background_mask(shape)).astype(np.uint8) * 255)
         canvas.paste(shape, (px, py), mask if mask.getbbox() else None)
         return Placed(src, (px, py, px + shape.width, py + shape.height))
@@ -235,6 +284,13 @@ class Composer:
         c, spec = self.spec.cell, self.spec
         x0, y0 = cell[0] * c, cell[1] * c
         canvas.paste(self.panel(src, c), (x0, y0))
+        length = rng.randint(*spec.stripe_length)
+        return self._band(rng, canvas, src, (x0, y0, x0 + c, y0 + c), length, spec.stripe_width)
+
+    def _band(self, rng: random.Random, canvas: Image.Image, src: Annotation, region: tuple[int, ...],
+              length: int, width: int) -> Placed:  # fmt: skip
+        """`length` x `width` px of the shape's middle row, across or down (random), at a random spot of
+        `region` (1 px margin)."""
         image = self.image(src)
         inside = ~_background_mask(image)
         _, y1, _, y2 = (int(v) for v in shape_box(image))
@@ -243,18 +299,29 @@ class Composer:
         band = np.asarray(image)[
             row : row + 1, xs.min() + 1 : xs.max()
         ]  # (1, w, 3), antialiased ends dropped
-        length = rng.randint(*spec.stripe_length)
-        stripe = Image.fromarray(band).resize((length, spec.stripe_width), Image.NEAREST)
+        stripe = Image.fromarray(band).resize((length, width), Image.NEAREST)
         if rng.random() < 0.5:
             stripe = stripe.transpose(Image.Transpose.TRANSPOSE)
-        px, py = x0 + rng.randint(1, c - stripe.width - 1), y0 + rng.randint(1, c - stripe.height - 1)
+        px = rng.randint(region[0] + 1, region[2] - stripe.width - 1)
+        py = rng.randint(region[1] + 1, region[3] - stripe.height - 1)
         canvas.paste(stripe, (px, py))
         return Placed(src, (px, py, px + stripe.width, py + stripe.height))
 
 
+def _halves(region: tuple[int, int, int, int], across: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The region's two halves: left and right, or (`across`) top and bottom."""
+    x0, y0, x1, y1 = region
+    if across:
+        return (x0, y0, x1, (y0 + y1) // 2), (x0, (y0 + y1) // 2, x1, y1)
+    return (x0, y0, (x0 + x1) // 2, y1), ((x0 + x1) // 2, y0, x1, y1)
+
+
 def questions(scene: Scene, boxes: dict[str, Any], detector: DetectorModel) -> list[dict[str, str]]:
     """The scene's three questions with their kind (b or c for the small shape: did the detector find it?)."""
-    found = is_found(scene.small.box, boxes, detector.min_iou)
+    read_back = {
+        "boxes": np.asarray(boxes["boxes"], dtype=np.float32).tolist()
+    }  # as box files load (float32)
+    found = is_found(scene.small.box, read_back, detector.min_iou)  # an IoU of 0.49999 must not flip on load
     return [
         {"part": "big", "kind": "a", "question": QUESTIONS["big"], "answer": scene.big.source.color},
         {"part": "small", "kind": "b" if found else "c", "question": QUESTIONS["small"],
@@ -264,8 +331,13 @@ def questions(scene: Scene, boxes: dict[str, Any], detector: DetectorModel) -> l
 
 
 def caption(scene: Scene) -> str:
-    big, small = scene.big.source, scene.small.source
-    return f"A big {big.color} {big.shape}, a small {small.color} {small.shape} and a {scene.stripe.source.color} stripe."
+    """The parts shown, described: "A big red circle, a small blue triangle and a green stripe."."""
+    near = f" beside a {scene.neighbour.source.color} band" if scene.neighbour else ""
+    described = {"big": lambda s: f"a big {s.color} {s.shape}", "small": lambda s: f"a small {s.color} {s.shape}{near}",
+                 "stripe": lambda s: f"a {s.color} stripe"}  # fmt: skip
+    phrases = [described[p](getattr(scene, p).source) for p in PARTS if p in scene.shown]
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 def build_split(split: str, n: int, out: Path, spec: SceneSpec, seed: int) -> dict[str, Any]:
@@ -278,7 +350,8 @@ def build_split(split: str, n: int, out: Path, spec: SceneSpec, seed: int) -> di
         test.jsonl          one line per question in the evaluation harness's short-answer format;
                             `category` = the kind, `part` = which object it asks about
         boxes.jsonl         the simulated detector's boxes; boxes-coco80.jsonl the fixed-list simulation
-        scenes.jsonl        every placed object's source and true box (for the checks and the chat example)
+        scenes.jsonl        every placed object's source and true box, and the parts shown (drawn): for
+                            the checks, the probes and the chat example
 
     Returns a summary: counts per kind, the answer distribution, and the easy-vqa images left unannotated.
     """
@@ -313,8 +386,12 @@ def build_split(split: str, n: int, out: Path, spec: SceneSpec, seed: int) -> di
         for q in asked:
             short.append({"id": f"{scene.scene_id}-{q['part']}", "image": name, "question": q["question"],
                           "answers": [q["answer"]], "category": q["kind"], "part": q["part"]})  # fmt: skip
-        layout.append({"id": scene.scene_id, "sources": {p: asdict(getattr(scene, p).source) for p in QUESTIONS},
-                       "boxes": {p: list(getattr(scene, p).box) for p in QUESTIONS}, "clutter": scene.clutter})  # fmt: skip
+        placed = {p: getattr(scene, p) for p in QUESTIONS} | (
+            {"neighbour": scene.neighbour} if scene.neighbour else {}
+        )
+        layout.append({"id": scene.scene_id, "sources": {p: asdict(q.source) for p, q in placed.items()},
+                       "boxes": {p: list(q.box) for p, q in placed.items()}, "clutter": scene.clutter,
+                       "shown": list(scene.shown)})  # fmt: skip
     atomic_write_json(out / "captions.json", captions, indent=None)
     atomic_write_json(out / "qa.json", qa, indent=None)
     atomic_write_text(out / "test.jsonl", _jsonl(short))

@@ -138,6 +138,11 @@ class MGLlavaConfig(PreTrainedConfig):
         return int(self.text_config.max_position_embeddings)
 
     @property
+    def uses_high_res(self) -> bool:
+        """Whether the model has the ConvNeXt: for the fusion, the object features, or both."""
+        return self.fusion != "none" or self.object_tokens != "off"
+
+    @property
     def num_image_tokens(self) -> int:
         """Visual rows per image before object tokens (576 for CLIP-L/14 at 336 px)."""
         return low_res_grid(self.vision_config) ** 2

@@ -93,8 +93,7 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         hidden = config.text_config.hidden_size
         self.vision_tower = LowResEncoder(config.vision_config, config.vision_feature_layer)
-        uses_high_res = config.fusion != "none" or config.object_tokens != "off"
-        self.high_res_tower = HighResEncoder(config.high_res_config) if uses_high_res else None
+        self.high_res_tower = HighResEncoder(config.high_res_config) if config.uses_high_res else None
         stage_dims = list(config.high_res_config.hidden_sizes)
         self.fusion = build_fusion(config.fusion, self.vision_tower.hidden_size, stage_dims)
         self.projector = build_projector(self.fusion.out_dim, hidden, config.projector_hidden_act)
