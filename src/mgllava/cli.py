@@ -232,11 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", help="comma-separated variant names, or all (default: baseline,fusion,objects,full)"
     )
     demo.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
-    demo.add_argument("--epochs", type=int, help="stage-2 epochs (default 3, quick 2)")
+    demo.add_argument("--epochs", type=int, help="stage-2 epochs (default 2, quick 2)")
     demo.add_argument(
         "--workers",
         type=int,
-        help="runs trained side by side, one torch thread each (default: 2 or the cores)",
+        help="jobs (tower pretrainings, runs) side by side, one torch thread each (default: 2 or the cores)",
     )
     demo.set_defaults(func=_demo)
 

@@ -8,6 +8,7 @@ the two rows' seed std on that column (with one seed there is no spread and noth
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def plot(rows: list[dict[str, Any]], results: list[dict[str, Any]], path: Path) 
         right.bar(xs, [row[c]["mean"] for c in COLUMNS], width, yerr=[row[c]["std"] for c in COLUMNS],
                   color=f"C{i}", capsize=3, label=row["title"])  # fmt: skip
     right.axhline(CHANCE, color="gray", linestyle=":", label=f"chance ({CHANCE:.1f}%)")
-    names = [f"{k}: {KINDS[k].split(':')[0]}" for k in KINDS] + ["overall"]
+    names = [textwrap.fill(f"{k}: {KINDS[k].split(':')[0]}", 22) for k in KINDS] + ["overall"]
     right.set_xticks(range(len(COLUMNS)), names, fontsize=8)
     right.set(title="held-out accuracy per question kind", ylabel="% correct", ylim=(0, 100))
     right.legend(fontsize=7)

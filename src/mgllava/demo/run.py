@@ -326,7 +326,10 @@ def run_demo(out: str | Path, variants: tuple[str, ...] = DEFAULT_VARIANTS, quic
     say("\n" + table + "\n".join(report["verdict"]))
     say(f"wrote {out}/results.md, results.json, results.png in {report['minutes']} min")
     if "full" in variants:
-        example = data / "test" / "images" / "test-00000.png"
-        say(f"try it: mgllava chat --model {out}/model --image {example} --box-file {data}/test/boxes.jsonl "
-            "--show-boxes --prompt 'What color is the small shape?'")  # fmt: skip
+        asked = read_jsonl(data / "test" / "test.jsonl")
+        example = next((q for q in asked if q["category"] == "b"), None)  # a boxed small shape
+        if example is not None:
+            say(f"try it: mgllava chat --model {out}/model --image {data}/test/images/{example['image']} "
+                f"--box-file {data}/test/boxes.jsonl --show-boxes --prompt '{example['question']}' "
+                f"(the answer: {example['answers'][0]})")  # fmt: skip
     return report
