@@ -141,7 +141,6 @@ def _demo_model(seed: int) -> Any:
 def train_tower(tower: str, out: Path, settings: PretrainSettings) -> dict[str, float]:
     """Pretrain one tower (resuming from its checkpoint), write `<tower>.json` (held-out accuracy per part)
     and then `<tower>.safetensors` (the tower: its existence marks it done); returns the accuracy."""
-    torch.set_num_threads(1)
     model = _demo_model(settings.seed)
     module = getattr(model, tower)
     config = model.config.vision_config if tower == "vision_tower" else model.config.high_res_config
