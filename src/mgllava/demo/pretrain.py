@@ -146,18 +146,14 @@ def train_tower(tower: str, out: Path, settings: PretrainSettings) -> dict[str, 
     config = model.config.vision_config if tower == "vision_tower" else model.config.high_res_config
     widths = [config.hidden_size] if tower == "vision_tower" else list(config.hidden_sizes)
     head = torch.nn.ModuleList(torch.nn.Linear(width, NONE + 1) for width in widths)  # one per map
-    params = [*module.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [*module.parameters(), *head.parameters()], lr=settings.lr, weight_decay=0.0
+    )
+    checkpoint = out / f"{tower}.ckpt.pt"
+    step = _resume(checkpoint, module, head, optimizer)
+    data = pretraining_set("train", settings.scenes, settings.seed, tower)
     weight = torch.ones(NONE + 1)
     weight[NONE] = settings.none_weight
-    checkpoint, step = out / f"{tower}.ckpt.pt", 0
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        module.load_state_dict(state["tower"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    data = pretraining_set("train", settings.scenes, settings.seed, tower)
     module.train()
     while step < settings.steps:
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
@@ -181,6 +177,17 @@ def train_tower(tower: str, out: Path, settings: PretrainSettings) -> dict[str, 
         handle.write(save({k: v.contiguous() for k, v in module.state_dict().items()}))
     checkpoint.unlink()
     return accuracy
+
+
+def _resume(checkpoint: Path, module: torch.nn.Module, head: torch.nn.Module, optimizer: Any) -> int:
+    """The step to go on from: the checkpoint's, its state loaded (tensors only), or 0."""
+    if not checkpoint.is_file():
+        return 0
+    state = torch.load(checkpoint, weights_only=True)
+    module.load_state_dict(state["tower"])
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
 @torch.no_grad()
