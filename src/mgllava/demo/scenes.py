@@ -14,7 +14,7 @@
     anywhere, as small objects do: a detector's box finds it wherever it is. One part per scene
     (`layout="separate"`) because a random-weight LLM given all three parts and three questions did not
     learn, within the demo's budget, to route each question to its part (every variant collapsed to one
-    colour; README); `layout="combined"` keeps that design. A part not shown is still drawn on a blank
+    colour; README); `layout="combined"` still builds those. A part not shown is still drawn on a blank
     canvas, so every scene's random draws are the same either way.
 
 Questions, three kinds, asked of the part each scene shows and scored separately (`KINDS`):
