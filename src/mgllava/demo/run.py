@@ -2,15 +2,17 @@
 real trainer, score them per question kind with the real evaluation harness, and report the paper's
 ablation in small.
 
-    easy-vqa ──► scenes.build_split ──► train/ (captions, 3-question conversations, boxes)
+    easy-vqa ──► scenes.build_split ──► train/ (captions, one question per scene, boxes)
                                         test/  (one short-answer line per question, kind a/b/c, boxes)
-    for each variant and seed, in parallel workers (jobs.py):
-        demo-stage1 ──► demo-stage2 (train.Trainer) ──► eval.run_eval (short_vqa) ──► result.json
+    jobs in parallel workers (jobs.py), each started once the files it needs exist:
+        pretrain.train_tower (CLIP, ConvNeXt) ──► data/towers/<tower>.safetensors
+        for each variant and seed: base_model (its towers, a random LLM) ──► demo-stage1 ──► demo-stage2
+            (train.Trainer) ──► eval.run_eval (short_vqa) ──► result.json
     ──► table per kind (markdown + JSON), plot (PNG), the full model in <out>/model for `mgllava chat`
 
-Every step is resumable: the data is reused when its settings match, a finished run is skipped, and an
-interrupted one continues from its trainer checkpoint and its answered questions. An output folder made
-with other settings is refused rather than mixed.
+Every step is resumable: the data is reused when its settings match, a finished tower or run is skipped,
+an interrupted pretraining continues from its checkpoint and an interrupted run from its trainer checkpoint
+and its answered questions. An output folder made with other settings is refused rather than mixed.
 """
 
 from __future__ import annotations
