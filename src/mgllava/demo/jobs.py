@@ -47,6 +47,7 @@ class Job:
     questions: int
     args: tuple[Any, ...]  # passed to the work function in the worker
     needs: tuple[Path, ...] = ()  # files that must exist before the job starts (what other jobs make)
+    work: Callable[..., Any] | None = None  # run instead of the runner's work function
 
     @property
     def result(self) -> Path:
@@ -88,7 +89,6 @@ class TowerJob(Job):
     last step in `<tower>.progress.jsonl`."""
 
     tower: str = ""
-    work: Callable[..., Any] | None = None  # run instead of the runner's work function
 
     @property
     def result(self) -> Path:
@@ -160,8 +160,7 @@ def run_jobs(
         while todo or running:
             while len(running) < workers and (job := _next_ready(todo, running)) is not None:
                 todo.remove(job)
-                target = getattr(job, "work", None) or work
-                process = context.Process(target=_worker, args=(target, job), name=job.name)
+                process = context.Process(target=_worker, args=(job.work or work, job), name=job.name)
                 process.start()
                 running[job.name] = (job, process)
             time.sleep(POLL_SECONDS)

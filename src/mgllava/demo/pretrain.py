@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from ..utils.io import atomic_open, atomic_write_json
+from .annotations import COLORS
 from .jobs import TowerJob
 from .scenes import PARTS, Composer, SceneSpec, easy_vqa_split
 
-COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")  # easy-vqa's eight
+COLOURS = tuple(sorted(COLORS))  # easy-vqa's eight, as class indices 0-7
 NONE = len(COLOURS)  # the "no part in this cell" class
 TOWERS = ("vision_tower", "high_res_tower")
 PROGRESS_EVERY = 50  # steps between progress lines (the demo's bar reads them)
@@ -129,7 +130,8 @@ def tower_maps(model: Any, tower: str, pixels: torch.Tensor) -> list[torch.Tenso
     return [stage.flatten(2).transpose(1, 2) for stage in model.high_res_tower(pixels)]
 
 
-def _demo_model(seed: int) -> Any:
+def demo_model(seed: int) -> Any:
+    """The demo's full model (both towers) as initialised from `seed`: the towers' starting point."""
     from ..model.configuration import MGLlavaConfig
     from ..model.modeling import MGLlavaForConditionalGeneration
 
@@ -141,7 +143,7 @@ def _demo_model(seed: int) -> Any:
 def train_tower(tower: str, out: Path, settings: PretrainSettings) -> dict[str, float]:
     """Pretrain one tower (resuming from its checkpoint), write `<tower>.json` (held-out accuracy per part)
     and then `<tower>.safetensors` (the tower: its existence marks it done); returns the accuracy."""
-    model = _demo_model(settings.seed)
+    model = demo_model(settings.seed)
     module = getattr(model, tower)
     config = model.config.vision_config if tower == "vision_tower" else model.config.high_res_config
     widths = [config.hidden_size] if tower == "vision_tower" else list(config.hidden_sizes)

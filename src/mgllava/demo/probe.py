@@ -27,13 +27,9 @@ from .scenes import PARTS
 
 
 def _towers(seed: int, towers: Path | None = None) -> Any:
-    from ..model.configuration import MGLlavaConfig
-    from ..model.modeling import MGLlavaForConditionalGeneration
-    from .pretrain import load_towers
+    from .pretrain import demo_model, load_towers
 
-    torch.manual_seed(seed)
-    config = MGLlavaConfig.from_preset("demo", fusion="conv_gate", object_tokens="concat")
-    model = MGLlavaForConditionalGeneration(config).eval()
+    model = demo_model(seed).eval()
     if towers is not None:
         load_towers(model, towers)
     return model

@@ -163,23 +163,16 @@ def build_data(out: Path, settings: DemoSettings, say: Callable[[str], None]) ->
 
 def base_model(name: str, seed: int, towers: Path, out: Path) -> Path:
     """The run's starting folder, as `mgllava assemble` makes one for the paper's stage 1: the variant's
-    model with the pretrained towers and a random LLM and new modules (from `seed`), and its processor."""
-    import torch
-
-    from ..convert.folder import configure_generation, write_folder
-    from ..data.processor import MGLlavaProcessor
-    from ..model.configuration import MGLlavaConfig
-    from ..model.modeling import MGLlavaForConditionalGeneration
+    model as the trainer builds it from the preset (random LLM and new modules from `seed`) with the
+    pretrained towers put in, and its processor."""
+    from ..convert.folder import write_folder
+    from ..train.setup import build_model
 
     if (out / "config.json").is_file():
         return out
     variant = VARIANTS[name]
-    config = MGLlavaConfig.from_preset("demo", fusion=variant.fusion, object_tokens=variant.object_tokens)
-    preset = MGLlavaProcessor.from_preset("demo")
-    processor = MGLlavaProcessor.for_config(config, preset.tokenizer, template=preset.template)
-    torch.manual_seed(seed)
-    model = MGLlavaForConditionalGeneration(config)
-    configure_generation(model, processor)
+    overrides = f"model_overrides={{fusion: {variant.fusion}, object_tokens: {variant.object_tokens}}}"
+    model, processor = build_model(load_config(TrainConfig, "demo-stage1", [overrides, f"seed={seed}"]))
     load_towers(model, towers)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
