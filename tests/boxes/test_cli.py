@@ -124,15 +124,13 @@ def test_same_id_with_two_images_is_a_clear_error(dataset, box_models, tmp_path,
     assert "id '7' is sample 1 with image '0.jpg' and sample 2 with image '2.jpg'" in capsys.readouterr().err
 
 
+def _boxes_argv(dataset, box_models, out):
+    """`mgllava boxes` over the dataset's images with the tiny OWLv2, into `out`."""
+    return ["boxes", str(dataset / "images"), "--out", str(out), "--detector", str(box_models["owlv2"])]
+
+
 def test_empty_tag_lists(dataset, box_models, tmp_path, capsys):
-    args = [
-        "boxes",
-        str(dataset / "images"),
-        "--out",
-        str(tmp_path / "f.jsonl"),
-        "--detector",
-        str(box_models["owlv2"]),
-    ]
+    args = _boxes_argv(dataset, box_models, tmp_path / "f.jsonl")
     assert main([*args, "--tagger", "fixed", "--tags", " , "]) == 2
     assert "tag list is empty" in capsys.readouterr().err
     samples = tmp_path / "tags.jsonl"  # --tagger sample: each sample's own tags; none -> recorded "tags": []
@@ -168,14 +166,7 @@ def test_retry_errors_reads_unreadable_images_again(box_models, tmp_path, capsys
 def test_ram_plus_without_its_package_says_how_to_install(dataset, box_models, tmp_path, capsys):
     if importlib.util.find_spec("ram") is not None:
         pytest.skip("recognize-anything is installed here")
-    args = [
-        "boxes",
-        str(dataset / "images"),
-        "--out",
-        str(tmp_path / "r.jsonl"),
-        "--detector",
-        str(box_models["owlv2"]),
-    ]
+    args = _boxes_argv(dataset, box_models, tmp_path / "r.jsonl")
     assert main([*args, "--tagger", "ram++", "--tagger-model", "ram_plus_swin_large_14m.pth"]) == 2
     assert "pip install git+https://github.com/xinyu1205/recognize-anything" in capsys.readouterr().err
 

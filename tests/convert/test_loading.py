@@ -158,42 +158,17 @@ def test_reference_keys_outside_the_known_modules_are_listed(tiny_components, tm
         )
 
 
+def _assemble(tiny_components, clip, out, *extra):
+    return main(["assemble", "--clip", str(clip), "--convnext", str(tiny_components["convnext"]),
+                 "--llm", str(tiny_components["llm"]), "--template", "vicuna", *extra, "--out", str(out)])  # fmt: skip
+
+
 def test_cli_assemble_writes_a_loadable_folder(tiny_components, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(
-        [
-            "assemble",
-            "--clip",
-            str(tiny_components["clip"]),
-            "--convnext",
-            str(tiny_components["convnext"]),
-            "--llm",
-            str(tiny_components["llm"]),
-            "--template",
-            "vicuna",
-            "--high-res-size",
-            "128",
-            "--dtype",
-            "float32",
-            "--out",
-            str(out),
-        ]
+    code = _assemble(
+        tiny_components, tiny_components["clip"], out, "--high-res-size", "128", "--dtype", "float32"
     )
     assert code == 0 and "wrote" in capsys.readouterr().out
     assert AutoModelForImageTextToText.from_pretrained(out).config.model_type == "mg_llava"
-    code = main(
-        [
-            "assemble",
-            "--clip",
-            str(tmp_path / "nope"),
-            "--convnext",
-            str(tiny_components["convnext"]),
-            "--llm",
-            str(tiny_components["llm"]),
-            "--template",
-            "vicuna",
-            "--out",
-            str(out),
-        ]
-    )
+    code = _assemble(tiny_components, tmp_path / "nope", out)
     assert code == 2

@@ -76,7 +76,7 @@ def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_tower(tmp_path,
     )
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
-    trained_from = pretrain._demo_model(TINY.seed).vision_tower.state_dict()
+    trained_from = pretrain.demo_model(TINY.seed).vision_tower.state_dict()
     assert any(not torch.equal(trained_from[k], uninterrupted[k]) for k in uninterrupted)  # it did train
 
 
