@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
-from mgllava.inference import Batcher, Engine, GenerationSettings, Prepared
+from mgllava.inference import Batcher, Engine, GenerationSettings, Prepared, RequestFailed
 from mgllava.inference.decoding import Request
 from mgllava.inference.kv import BatchCache
 from mgllava.inference.prefix import BLOCK, MIN_REUSE, PrefixCache, content_ids
@@ -413,7 +413,7 @@ def test_a_request_that_fails_to_start_fails_alone(engines):
     batcher = Batcher(engine, max_batch_size=4, max_wait_s=0.2)
     try:
         jobs = [batcher.submit(broken), batcher.submit(good)]
-        with pytest.raises(ValueError, match="placeholder tokens"):
+        with pytest.raises(RequestFailed, match="placeholder tokens"):
             jobs[0].future.result(60)
         assert jobs[1].future.result(60).token_ids == solo(engine, good)
         assert batcher.submit(good).future.result(60).token_ids == solo(engine, good)

@@ -1,13 +1,14 @@
 """Inference: the engine (tensors in, tokens and text out) and the request scheduler (`Batcher`) over it."""
 
 from .batcher import Batcher, Busy, Job
-from .engine import (
+from .engine import ChatStream, Engine
+from .requests import (
     ChatResult,
-    ChatStream,
-    Engine,
     EngineInputError,
+    EngineUnavailable,
     GenerationSettings,
     Prepared,
+    RequestFailed,
     VisualBoxes,
 )
 
@@ -18,8 +19,10 @@ __all__ = [
     "ChatStream",
     "Engine",
     "EngineInputError",
+    "EngineUnavailable",
     "GenerationSettings",
     "Job",
     "Prepared",
+    "RequestFailed",
     "VisualBoxes",
 ]

@@ -15,6 +15,15 @@ Static scheduling (`Engine(..., scheduling="static")`, the earlier engine):
 `batch_sizes` counts how many jobs started together (one admission or one static batch); `step_sizes` how
 many rows each continuous decode step ran. The queue is bounded: a full queue is refused (`Busy`, with a
 retry estimate) rather than grown without bound. `max_batch_size=1` is the unbatched baseline.
+
+Failures: a request that fails fails alone (the engine isolates rows: `decoding`, `Engine.generate_static`)
+and its future gets the error. An error the engine could not pin on a row fails the rows it touched (the
+admitted jobs, or the whole running batch after an unexplained step failure) and the worker goes on. The
+worker is supervised: if it ever stops (an error escaping the loop), every queued and running job gets
+`EngineUnavailable` at once, `alive` turns False and `submit` refuses (`Busy(closed=True)`), so nothing
+waits on a worker that is gone. Every future is settled through `_settle`, which never sets a settled one.
+`close(timeout)` stops taking work, lets the worker finish what it has for `timeout` seconds, then fails
+whatever is left with `EngineUnavailable`.
 """
 
 from __future__ import annotations
@@ -24,12 +33,13 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .decoding import Request, RunningBatch
-from .engine import ChatResult, Engine, Prepared
+from .engine import Engine
+from .requests import ChatResult, EngineUnavailable, Prepared, failed
 from .streaming import TextCallback
 
 logger = logging.getLogger(__name__)
@@ -44,7 +54,7 @@ class Busy(RuntimeError):
         self.closed = closed
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prepared: Prepared
     on_text: TextCallback | None = None
@@ -79,17 +89,24 @@ class Batcher:
         self.step_sizes: Counter[int] = Counter()  # continuous: how many decode steps ran k rows
         self.running = 0  # jobs started and not yet answered
         self._queue: deque[Job] = deque()
+        self._active: set[Job] = set()  # started, not yet settled
         self._cond = threading.Condition()
         self._closed = False
+        self.error: BaseException | None = None  # why the worker stopped, when it died
         self._seconds_per_batch = 1.0  # a recent batch's (static) or request's (continuous) service time
         loop = self._loop_static if engine.scheduling == "static" else self._loop_continuous
-        self._thread = threading.Thread(target=loop, name="mgllava-batcher", daemon=True)
+        self._thread = threading.Thread(
+            target=self._supervise, args=(loop,), name="mgllava-batcher", daemon=True
+        )
         self._thread.start()
 
     # -- callers ------------------------------------------------------------------------------------------
     def submit(self, prepared: Prepared, on_text: TextCallback | None = None) -> Job:
         job = Job(prepared, on_text)
         with self._cond:
+            if self.error is not None:
+                raise Busy(f"the generation worker stopped ({type(self.error).__name__}); the server must be "
+                           "restarted", self.retry_after, closed=True)  # fmt: skip
             if self._closed:
                 raise Busy("the server is shutting down", self.retry_after, closed=True)
             if len(self._queue) >= self.max_queue:
@@ -104,7 +121,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return self._thread.is_alive() and not self._closed and self.error is None
 
     @property
     def retry_after(self) -> int:
@@ -113,11 +130,49 @@ class Batcher:
         return max(1, math.ceil(self._seconds_per_batch * rounds))
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse new work, finish what is queued, stop the worker."""
+        """Refuse new work, let the worker finish what it has for `timeout` seconds, then fail the rest."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the generation worker did not finish within %s s; failing what is left", timeout)
+            self._fail_all(EngineUnavailable("the server shut down before this request finished"))
+
+    # -- supervision --------------------------------------------------------------------------------------
+    def _supervise(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException as err:  # the worker is gone: nobody may wait on it
+            logger.critical("the generation worker stopped", exc_info=True)
+            with self._cond:
+                self.error = err
+            self._fail_all(EngineUnavailable(f"the generation worker stopped ({type(err).__name__}: {err})"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            jobs = [*self._queue, *self._active]
+            self._queue.clear()
+        for job in jobs:
+            self._settle(job, error)
+
+    def _start(self, jobs: Iterable[Job]) -> list[Job]:
+        """(Holding the lock) the jobs that were not cancelled, now running and tracked."""
+        started = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        self._active.update(started)
+        return started
+
+    def _settle(self, job: Job, outcome: ChatResult | BaseException) -> None:
+        """Hand `job` its result or error, once: a future already settled (by a shutdown, or a cancel) stays."""
+        with self._cond:
+            self._active.discard(job)
+        try:
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+        except InvalidStateError:
+            pass
 
     # -- static worker ------------------------------------------------------------------------------------
     def _loop_static(self) -> None:
@@ -136,7 +191,7 @@ class Batcher:
             jobs = self._compatible()[: self.max_batch_size]
             for job in jobs:
                 self._queue.remove(job)
-        return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            return self._start(jobs)
 
     def _wait_for_work(self, candidates: Callable[[], list[Job]]) -> bool:
         """(Holding the lock) wait for a first job, then until `max_wait_s` after it arrived or until
@@ -163,21 +218,19 @@ class Batcher:
         start = self.clock()
         self.running = len(jobs)
         try:
-            results = self.engine.generate(
+            results = self.engine.generate_static(
                 [j.prepared for j in jobs], [j.on_text for j in jobs], [j.cancelled.is_set for j in jobs]
             )
-        except Exception as err:  # handed to every waiting caller, the worker carries on
+        except Exception as err:  # not pinned on one request: the batch's jobs fail, the worker carries on
             logger.exception("batched generate failed for %d requests", len(jobs))
-            for job in jobs:
-                job.future.set_exception(err)
-            return
+            results = [failed(err)] * len(jobs)
         finally:
             self.running = 0
         elapsed = self.clock() - start
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
         self.batch_sizes[len(jobs)] += 1
         for job, result in zip(jobs, results, strict=True):
-            job.future.set_result(result)
+            self._settle(job, result)
 
     # -- continuous worker --------------------------------------------------------------------------------
     def _loop_continuous(self) -> None:
@@ -199,8 +252,7 @@ class Batcher:
             if not active and not self._wait_for_work(lambda: list(self._queue)):
                 return None
             room = self.max_batch_size - active
-            jobs = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            jobs = self._start([self._queue.popleft() for _ in range(min(room, len(self._queue)))])
             self.running = active + len(jobs)
         return jobs
 
@@ -210,10 +262,9 @@ class Batcher:
             job.started_at = start
         try:
             finished = batch.admit([Request(j.prepared, j.on_text, j.cancelled.is_set, j) for j in jobs])
-        except Exception as err:  # these jobs fail; the running ones carry on
-            logger.exception("prefill failed for %d requests", len(jobs))
-            for job in jobs:
-                job.future.set_exception(err)
+        except Exception as err:  # not pinned on a row: the batch's state is unknown, every row in it fails
+            logger.exception("admitting %d requests failed", len(jobs))
+            self._abort(batch, jobs, err)
             return
         self.batch_sizes[len(jobs)] += 1
         self._resolve(finished)
@@ -222,26 +273,24 @@ class Batcher:
         rows = len(batch)
         try:
             finished = batch.step()
-        except (
-            Exception
-        ) as err:  # the batch's state is unknown: every running job fails, the worker carries on
+        except Exception as err:  # not pinned on a row: the batch's state is unknown, every row in it fails
             logger.exception("decode step failed for %d requests", rows)
-            for job in batch.abort():
-                job.future.set_exception(err)
+            self._abort(batch, [], err)
             return
         self.step_sizes[rows] += 1
         self._resolve(finished)
 
+    def _abort(self, batch: RunningBatch, jobs: list[Job], err: Exception) -> None:
+        error = failed(err)
+        for job in dict.fromkeys([*jobs, *batch.abort()]):
+            self._settle(job, error)
+
     def _resolve(self, finished: list[tuple[Job, ChatResult | Exception]]) -> None:
         now = self.clock()
         for job, result in finished:
-            if isinstance(result, Exception):
-                logger.error("a request could not start: %s", result)
-                job.future.set_exception(result)
-                continue
-            if job.started_at is not None:
+            if not isinstance(result, Exception) and job.started_at is not None:
                 self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (now - job.started_at)
-            job.future.set_result(result)
+            self._settle(job, result)
 
     def run(self, prepared: Prepared, on_text: TextCallback | None = None) -> ChatResult:
         """Submit and wait (for callers on plain threads)."""

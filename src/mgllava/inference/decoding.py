@@ -34,26 +34,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import SuppressTokensLogitsProcessor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .kv import BatchCache
 from .prefix import KV, PrefixEntry, content_ids
+from .requests import ChatResult, Prepared, failed
+from .sampling import DEFAULT_TOP_K, NonFiniteLogits, Sampler, check_finite, penalize
 from .streaming import Detokenizer, TextCallback, TextStream
 
 if TYPE_CHECKING:
-    from .engine import ChatResult, Engine, GenerationSettings, Prepared
+    from .engine import Engine
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TOP_K = 50  # transformers' `generate` default when the generation config sets none
 
 
 @dataclass
@@ -66,28 +60,6 @@ class Request:
     owner: Any = None
 
 
-class Sampler:
-    """Temperature, top-k and top-p filtering and a draw, for one sampled row."""
-
-    def __init__(self, settings: GenerationSettings, top_k: int, device: torch.device) -> None:
-        warpers: list[Any] = []
-        if settings.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(settings.temperature))
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
-        if settings.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(settings.top_p))
-        self.warpers = LogitsProcessorList(warpers)
-        self.generator = None
-        if settings.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(settings.seed)
-
-    def __call__(self, scores: torch.Tensor) -> int:
-        """`scores`: (1, V) float32 after suppression."""
-        probs = self.warpers(None, scores).softmax(dim=-1)
-        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
-
-
 @dataclass(eq=False)
 class Row:
     request: Request
@@ -97,7 +69,8 @@ class Row:
     generated: list[int] = field(default_factory=list)
     extends: str | None = None  # the prefix-cache entry whose K/V it started from
     length: int = 0  # tokens whose K/V are in the cache: the prompt and all generated tokens but the last
-    reason: str | None = None  # why it finished: "stop", "length" or "cancelled"
+    reason: str | None = None  # why it finished: "stop", "length", "cancelled" or "error"
+    error: Exception | None = None  # why it failed (reason "error"): handed to its caller alone
 
     @property
     def prepared(self) -> Prepared:
@@ -147,7 +120,7 @@ class RunningBatch:
             try:
                 rows.append(self._row(request))
             except Exception as err:  # handed to the request's caller
-                out.append((request.owner, err))
+                out.append((request.owner, failed(err)))
         for row in rows:
             if row.request.cancelled is not None and row.request.cancelled():
                 row.reason = "cancelled"
@@ -156,7 +129,11 @@ class RunningBatch:
             parts = self._prefill([row for row in rows if row.reason is None], out)
             for part in parts:
                 self._accept(part.rows, part.logits)
-                self._join(part)
+                try:
+                    self._join(part)
+                except Exception as err:  # the batch cache is unchanged (`BatchCache.add_rows`)
+                    logger.exception("%d prefilled requests could not join the running batch", len(part.rows))
+                    out += [(row.request.owner, failed(err)) for row in part.rows]
             return out + self._release()
 
     def _row(self, request: Request) -> Row:
@@ -167,9 +144,9 @@ class RunningBatch:
         sampler = Sampler(settings, self.top_k, self.device) if settings.sampled else None
         return Row(request, content, TextStream(detokenizer, request.on_text), sampler)
 
-    def _prefill(self, rows: list[Row], failed: list[tuple[Any, Exception]]) -> list[Prefilled]:
+    def _prefill(self, rows: list[Row], failures: list[tuple[Any, Exception]]) -> list[Prefilled]:
         """Rows without a cached prefix in one left-padded forward, the others one by one. A row that fails
-        goes to `failed` (when the shared forward fails, each of its rows is retried alone to find which)."""
+        goes to `failures` (when the shared forward fails, each of its rows is retried alone to find which)."""
         fresh, parts = [], []
         for row in rows:
             entry, reused, row.extends = (
@@ -178,31 +155,32 @@ class RunningBatch:
             if entry is None:
                 fresh.append(row)
             else:
-                parts += self._attempt(failed, [row], self._prefill_after, row, entry, reused)
+                parts += self._attempt(failures, [row], self._prefill_after, row, entry, reused)
         if len(fresh) > 1:
             try:
                 return [self._prefill_fresh(fresh), *parts]
             except Exception:
                 logger.exception("the prefill of %d requests failed; retrying them one by one", len(fresh))
         for row in fresh:
-            parts += self._attempt(failed, [row], self._prefill_fresh, [row])
+            parts += self._attempt(failures, [row], self._prefill_fresh, [row])
         return parts
 
     @staticmethod
     def _attempt(
-        failed: list, rows: list[Row], prefill: Callable[..., Prefilled], *args: Any
+        failures: list, rows: list[Row], prefill: Callable[..., Prefilled], *args: Any
     ) -> list[Prefilled]:
         try:
             return [prefill(*args)]
         except Exception as err:  # handed to the request's caller
-            failed += [(row.request.owner, err) for row in rows]
+            logger.warning("the prefill of a request failed: %s", err)
+            failures += [(row.request.owner, failed(err)) for row in rows]
             return []
 
     def _prefill_fresh(self, rows: list[Row]) -> Prefilled:
         ids, mask = self.engine.left_pad([r.prepared.input_ids for r in rows])  # (k, L)
         visual = self.engine.visual_rows([f for r in rows for f in r.prepared.frames])
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # per row 0.. over its real tokens
-        cache, logits = self._forward(ids, mask, position_ids, DynamicCache(), visual)
+        cache, logits = self._forward(rows, ids, mask, position_ids, DynamicCache(), visual)
         for row in rows:
             row.length = len(row.prepared.input_ids)
         self.prefilled_tokens += sum(r.length for r in rows)
@@ -217,7 +195,7 @@ class RunningBatch:
         new = torch.tensor([ids[reused:]], dtype=torch.long, device=self.device)  # (1, n - reused)
         mask = torch.ones((1, n), dtype=torch.long, device=self.device)
         position_ids = torch.arange(reused, n, device=self.device).unsqueeze(0)
-        cache, logits = self._forward(new, mask, position_ids, cache, visual)
+        cache, logits = self._forward([row], new, mask, position_ids, cache, visual)
         row.length = n
         self.prefilled_tokens += n - reused
         return Prefilled([row], cache, logits)
@@ -240,14 +218,15 @@ class RunningBatch:
 
     def _forward(
         self,
+        rows: list[Row],
         ids: torch.Tensor,
         mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: Cache,
         visual: list[torch.Tensor] | None = None,
     ) -> tuple[Cache, torch.Tensor]:
-        """One forward of the composite model (it splices `visual` at the placeholders of `ids`): the grown
-        cache and the last position's logits (k, V)."""
+        """One forward of the composite model for `rows` (it splices `visual` at the placeholders of `ids`):
+        the grown cache and the last position's logits (k, V)."""
         image = {"image": BaseModelOutputWithPooling(pooler_output=visual)} if visual else None
         out = self.model(
             input_ids=ids,
@@ -268,9 +247,11 @@ class RunningBatch:
         self.rows += part.rows
 
     # -- decoding -------------------------------------------------------------------------------------------
-    def step(self) -> list[tuple[Any, ChatResult]]:
+    def step(self) -> list[tuple[Any, ChatResult | Exception]]:
         """One decode step over every running row; returns the (owner, result) of rows that finished (the
-        ones cancelled since the last step first). On an error the batch is in an unknown state: `abort`."""
+        ones cancelled since the last step first) and (owner, error) of rows that failed. A failed batched
+        forward is undone and each row is stepped alone, so only a row whose own step fails fails. Any other
+        error leaves the batch in an unknown state: the caller must `abort` it."""
         with self.engine._model_lock, torch.no_grad():
             for row in self.rows:
                 if row.request.cancelled is not None and row.request.cancelled():
@@ -278,40 +259,97 @@ class RunningBatch:
             finished = self._release()
             if not self.rows:
                 return finished
-            tokens = torch.tensor(
-                [[r.generated[-1]] for r in self.rows], dtype=torch.long, device=self.device
-            )
-            lengths = torch.tensor([r.length for r in self.rows], dtype=torch.long, device=self.device)
-            width = self.columns + 1
-            mask = torch.arange(width, device=self.device) >= (width - 1 - lengths)[:, None]  # (B, L + 1)
-            _, logits = self._forward(tokens, mask.long(), lengths[:, None], self.cache)
-            for row in self.rows:
-                row.length += 1
-            self._accept(self.rows, logits)
+            self._accept(self.rows, self._decode())
             return finished + self._release()
 
+    def _decode(self) -> torch.Tensor:
+        """Every row's next-token logits (B, V), its new K/V column appended to the cache."""
+        tokens = torch.tensor([[r.generated[-1]] for r in self.rows], dtype=torch.long, device=self.device)
+        lengths = torch.tensor([r.length for r in self.rows], dtype=torch.long, device=self.device)
+        columns = self.columns
+        width = columns + 1
+        mask = torch.arange(width, device=self.device) >= (width - 1 - lengths)[:, None]  # (B, L + 1)
+        try:
+            _, logits = self._forward(self.rows, tokens, mask.long(), lengths[:, None], self.cache)
+        except Exception as err:
+            logger.warning("a decode step over %d rows failed (%s); stepping each alone", len(self.rows), err)
+            self.cache.truncate(columns)  # forget what the failed forward appended
+            logits = self._decode_alone(columns)
+        for row in self.rows:
+            row.length += 1
+        return logits
+
+    def _decode_alone(self, columns: int) -> torch.Tensor:
+        """Each row's step on its own (its cache columns only): (B, V) logits, zeros for a row that fails
+        (marked failed); the rows' new columns are appended to the batch cache together."""
+        logits, new = [], []
+        for i, row in enumerate(self.rows):
+            first = columns - row.length
+            own = [(x.keys[i : i + 1, :, first:], x.values[i : i + 1, :, first:]) for x in self.cache.layers]
+            token = torch.tensor([[row.generated[-1]]], dtype=torch.long, device=self.device)
+            mask = torch.ones((1, row.length + 1), dtype=torch.long, device=self.device)
+            position = torch.tensor([[row.length]], dtype=torch.long, device=self.device)
+            try:
+                cache, out = self._forward([row], token, mask, position, DynamicCache(ddp_cache_data=own))
+                new.append([(x.keys[:, :, -1:], x.values[:, :, -1:]) for x in cache.layers])
+                logits.append(out)
+            except Exception as err:
+                self._fail(row, err)
+                new.append([(torch.zeros_like(k[:, :, -1:]), torch.zeros_like(v[:, :, -1:])) for k, v in own])
+                logits.append(None)
+        width = next((x.shape[-1] for x in logits if x is not None), 1)
+        dtype = next((x.dtype for x in logits if x is not None), torch.float32)
+        for layer, columns_of_rows in zip(self.cache.layers, zip(*new, strict=True), strict=True):
+            layer.update(
+                torch.cat([k for k, _ in columns_of_rows]), torch.cat([v for _, v in columns_of_rows])
+            )
+        rows = [
+            x if x is not None else torch.zeros((1, width), dtype=dtype, device=self.device) for x in logits
+        ]
+        return torch.cat(rows)
+
     def _accept(self, rows: list[Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token from its (V,) logits; stream it; mark the rows that are done."""
+        """Choose each row's next token from its (V,) logits; stream it; mark the rows that are done. A row
+        whose logits are not finite, or whose choice or text fails, fails alone."""
+        usable = check_finite(logits)
         scores = self.suppress(None, logits.float())  # (k, V)
-        tokens = scores.argmax(dim=-1).tolist()
+        greedy = scores.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
-            token = tokens[i] if row.sampler is None else row.sampler(scores[i : i + 1])
-            row.generated.append(token)
-            row.stream.push(token)
-            if token in self.stop_ids:
-                row.reason = "stop"
-            elif len(row.generated) >= row.prepared.settings.max_new_tokens:
-                row.reason = "length"
+            if row.error is not None:
+                continue
+            try:
+                if not usable[i]:
+                    raise NonFiniteLogits()
+                self._push(row, self._choose(row, scores[i], greedy[i]))
+            except Exception as err:
+                self._fail(row, err)
+
+    def _choose(self, row: Row, scores: torch.Tensor, greedy: int) -> int:
+        settings = row.prepared.settings
+        if settings.penalized or settings.logit_bias:
+            scores = penalize(scores, row.generated, settings)
+            greedy = int(scores.argmax())
+        return greedy if row.sampler is None else row.sampler(scores[None])
+
+    def _push(self, row: Row, token: int) -> None:
+        row.generated.append(token)
+        row.stream.push(token)
+        if token in self.stop_ids:
+            row.reason = "stop"
+        elif len(row.generated) >= row.prepared.settings.max_new_tokens:
+            row.reason = "length"
+
+    @staticmethod
+    def _fail(row: Row, err: Exception) -> None:
+        logger.error("a request failed while decoding (its batch goes on): %s", err)
+        row.error, row.reason = failed(err), "error"
 
     def _release(self) -> list[tuple[Any, ChatResult]]:
         """Finished rows leave: their K/V to the prefix cache, their cache rows and all-padding columns go."""
         done = [i for i, row in enumerate(self.rows) if row.reason is not None]
         if not done:
             return []
-        results = []
-        for i in done:
-            self._remember(i)
-            results.append(self._result(self.rows[i]))
+        results = [self._finish(i) for i in done]
         order = self.cache.remove_rows(done)
         self.rows = [self.rows[i] for i in order]
         if not self.rows:
@@ -320,12 +358,32 @@ class RunningBatch:
         self.cache.drop_front(self.columns - max(r.length for r in self.rows))
         return results
 
+    def _finish(self, i: int) -> tuple[Any, ChatResult | Exception]:
+        """Row i's (owner, result), its K/V kept for reuse; a failed row's (owner, error). A failing prefix
+        cache loses its entry, not the answer; a failing answer (its text) fails this row alone."""
+        row = self.rows[i]
+        if row.error is not None:
+            return row.request.owner, row.error
+        try:
+            self._remember(i)
+        except Exception:
+            logger.exception("the prefix cache could not keep a finished request (its answer stands)")
+        try:
+            return self._result(row)
+        except Exception as err:
+            return row.request.owner, failed(err)
+
     def _remember(self, i: int) -> None:
         """Store row i's K/V (its prompt and all generated tokens but the last) in the prefix cache."""
         row, prefixes = self.rows[i], self.engine.prefixes
         if prefixes is None:
             return
         first = self.columns - row.length
+        per_token = sum(x.keys[i, :, 0].numel() * x.keys.element_size() * 2 for x in self.cache.layers)
+        if not prefixes.fits(row.length * per_token):  # measured before anything is copied
+            if row.extends is not None:
+                prefixes.drop(row.extends)
+            return
         kv: KV = [
             (x.keys[i : i + 1, :, first:].clone(), x.values[i : i + 1, :, first:].clone())
             for x in self.cache.layers

@@ -28,22 +28,30 @@
   `box_*` fields (NMS IoU, limit, cap) for this engine, e.g. a benchmark's reference settings in `mgllava eval`.
 
 The engine knows nothing of HTTP or terminals: errors in the caller's input are `EngineInputError`
-(a `ValueError` naming the input, with a `param` and a machine-readable `code`).
+(a `ValueError` naming the input, with a `param` and a machine-readable `code`); a request that fails while
+it runs fails alone (`requests.RequestFailed`; the rows beside it finish as they would have without it).
+
+Bounded work and locks: a prompt's text is counted in characters before it is tokenised
+(`max_message_chars` per message, `max_prompt_chars` per request; by default `CHARS_PER_TOKEN` times the
+context, more than any tokenizer packs into a context's tokens, so a refused text could not have fit).
+Tokenising a prompt holds the preparation tokenizer's lock; decoding answers (the decode loop's
+detokeniser) uses a copy of the tokenizer with a lock of its own, so a long prompt being tokenised never
+stalls a decode step.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..boxes import Boxes, BoxProposer
@@ -56,7 +64,20 @@ from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
 from .decoding import Request, RunningBatch
 from .prefix import MIN_REUSE, PrefixCache
+from .requests import (
+    ChatResult,
+    EngineInputError,
+    Frame,
+    GenerationSettings,
+    Prepared,
+    VisualBoxes,
+    failed,
+)
+from .sampling import RowRules
 from .streaming import BatchStreamer, Detokenizer, RowLimits, TextCallback, TextStream
+
+__all__ = ["ChatResult", "ChatStream", "Engine", "EngineInputError", "Frame", "GenerationSettings", "Prepared",
+           "VisualBoxes"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 ORIGINS = {"box_file": "box_file", "detector": "proposer", "missing": "missing"}  # Proposal.source -> report
@@ -64,6 +85,7 @@ BOX_SETTINGS = ("box_nms_iou", "box_limit", "box_cap", "box_per_label", "box_emp
 
 FRAME_KEYS = ("pixel_values", "high_res_pixel_values", "object_boxes", "object_counts")
 SCHEDULING = ("continuous", "static")
+CHARS_PER_TOKEN = 16  # default text bound per context token: above the longest tokens of the LLMs we serve
 # generation-config settings that change the chosen tokens, which continuous decoding does not apply (`generate`
 # does), with their neutral values; a config setting one otherwise must be served with scheduling="static"
 UNSUPPORTED_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
@@ -72,106 +94,6 @@ UNSUPPORTED_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty
                               bad_words_ids=None, sequence_bias=None, forced_bos_token_id=None,
                               forced_eos_token_id=None, begin_suppress_tokens=None, min_p=None, top_h=None,
                               exponential_decay_length_penalty=None, watermarking_config=None)  # fmt: skip
-
-
-class EngineInputError(ValueError):
-    """Bad input from the caller: `param` names it, `code` says what is wrong in a word."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings of one request. `temperature == 0` is greedy (the paper's evaluation setting)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise EngineInputError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}", "max_tokens"
-            )
-        if not 0.0 <= self.temperature <= 2.0:
-            raise EngineInputError(f"temperature must be in [0, 2], got {self.temperature}", "temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise EngineInputError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-
-    @property
-    def sampled(self) -> bool:
-        return self.temperature > 0
-
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys can share one `generate`; None: run alone (a seeded sample)."""
-        if not self.sampled:
-            return ("greedy",)
-        return None if self.seed is not None else ("sample", self.temperature, self.top_p)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if not self.sampled:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-
-
-@dataclass
-class VisualBoxes:
-    """The boxes that became object tokens for one image or video frame, in its original pixels."""
-
-    width: int
-    height: int
-    boxes: Boxes
-    source: str  # "request" (the caller's), "box_file", "proposer" (the detector), "missing" or "none"
-
-    @property
-    def tags(self) -> list[str]:
-        return list(dict.fromkeys(self.boxes.labels))
-
-    def to_dict(self) -> dict[str, Any]:
-        record = self.boxes.to_dict()
-        record["boxes"] = [[round(v, 2) for v in box] for box in record["boxes"]]
-        return {
-            "width": self.width,
-            "height": self.height,
-            "source": self.source,
-            "tags": self.tags,
-            **record,
-        }
-
-
-@dataclass
-class Frame:
-    """One image (or video frame) of a request: its model tensors, keyed by their content."""
-
-    key: str
-    tensors: dict[str, torch.Tensor]
-    rows: int  # its visual rows: placeholder tokens in the prompt
-
-
-@dataclass
-class Prepared:
-    """A validated request, ready to batch: prompt ids with placeholder runs, frames, boxes, settings."""
-
-    input_ids: list[int]
-    frames: list[Frame]
-    images: list[VisualBoxes]
-    video: list[VisualBoxes]
-    settings: GenerationSettings
-
-
-@dataclass
-class ChatResult:
-    text: str
-    token_ids: list[int]  # the answer's tokens, without the stop token
-    finish_reason: str  # "stop" (stop token), "length" (max_new_tokens) or "cancelled"
-    prompt_tokens: int  # text and visual rows
-    completion_tokens: int  # generated tokens, the stop token included
-    images: list[VisualBoxes] = field(default_factory=list)
-    video: list[VisualBoxes] = field(default_factory=list)
 
 
 class Engine:
@@ -193,6 +115,8 @@ class Engine:
         scheduling: str = "continuous",
         prefix_cache_bytes: int = 1 << 30,
         prefix_min_tokens: int = MIN_REUSE,
+        max_prompt_chars: int | None = None,
+        max_message_chars: int | None = None,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
@@ -211,8 +135,13 @@ class Engine:
             _check_continuous(model.generation_config)
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
         self.prefixes = PrefixCache(prefix_cache_bytes, prefix_min_tokens) if use_prefixes else None
+        self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN * self.context_length
+        self.max_message_chars = max_message_chars or self.max_prompt_chars
         self._model_lock = threading.Lock()
-        self._text_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
+        # fast tokenizers are not safe to share across threads: preparation and decoding each have their own
+        self._text_lock = threading.Lock()
+        self._decode_tokenizer = copy.deepcopy(processor.tokenizer)
+        self._decode_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -277,6 +206,8 @@ class Engine:
         `boxes[i]` are image i's boxes in its pixels (None: ask the proposer); `video` is a file path, PIL
         frames or a (T, H, W, 3) array, attached to the conversation's `<video>` tag."""
         settings = settings or GenerationSettings()
+        self._check_text(messages)
+        self._check_logit_bias(settings)
         sources, pil = self._load_images(messages, images)
         raw_boxes, origins = self._image_boxes(sources, pil, boxes)
         frames, frame_boxes, frame_origins = self._load_video(video, video_boxes)
@@ -292,6 +223,31 @@ class Engine:
             for f, b, origin in zip(frames, frame_boxes, frame_origins, strict=True)
         ]
         return Prepared(ids, self._frames(batch), image_report, video_report, settings)
+
+    def _check_text(self, messages: Any) -> None:
+        """Characters per message and per request, before any tokenisation."""
+        total = 0
+        for i, message in enumerate(messages if isinstance(messages, list) else []):
+            content = message.get("content") if isinstance(message, dict) else None
+            parts = content if isinstance(content, list) else [content]
+            chars = sum(len(p) if isinstance(p, str) else len(p.get("text") or "") if isinstance(p, dict) else 0
+                        for p in parts)  # fmt: skip
+            if chars > self.max_message_chars:
+                raise EngineInputError(f"messages[{i}] holds {chars} characters of text; the limit is "
+                                       f"{self.max_message_chars} per message (--max-message-chars)",
+                                       f"messages[{i}].content", "prompt_too_long")  # fmt: skip
+            total += chars
+        if total > self.max_prompt_chars:
+            raise EngineInputError(f"the conversation holds {total} characters of text; the limit is "
+                                   f"{self.max_prompt_chars} per request (--max-prompt-chars)", "messages",
+                                   "prompt_too_long")  # fmt: skip
+
+    def _check_logit_bias(self, settings: GenerationSettings) -> None:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for token, _ in settings.logit_bias:
+            if token >= vocab:
+                raise EngineInputError(f"logit_bias: token id {token} is outside the vocabulary of {vocab} tokens",
+                                       "logit_bias")  # fmt: skip
 
     def _report(self, image: Image.Image, raw: Boxes | None, origin: str, video: bool) -> VisualBoxes:
         """The boxes that became object tokens, in the image's pixels, as the image processor selects them."""
@@ -484,15 +440,49 @@ class Engine:
         callbacks: list[TextCallback | None],
         stops: list[Callable[[], bool] | None],
     ) -> list[ChatResult]:
-        """One left-padded `model.generate` over the whole batch."""
+        results = self.generate_static(batch, callbacks, stops)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def generate_static(
+        self,
+        batch: Sequence[Prepared],
+        callbacks: list[TextCallback | None],
+        stops: list[Callable[[], bool] | None],
+    ) -> list[ChatResult | Exception]:
+        """One left-padded `model.generate` over the whole batch; if it fails, each request alone, so that a
+        request that fails (non-finite logits, a failing forward) fails alone with a `RequestFailed`. A
+        retried request's stream resumes after the text it had already delivered."""
         keys = {p.settings.batch_key() for p in batch}
         if len(batch) > 1 and (len(keys) > 1 or None in keys):
             raise ValueError(f"requests with different sampling settings cannot share a batch: {keys}")
-        limits = [p.settings.max_new_tokens for p in batch]
         streams = [
-            TextStream(Detokenizer(self.decode, self.processor.stop_token_ids, n), c)
-            for n, c in zip(limits, callbacks, strict=True)
+            TextStream(Detokenizer(self.decode, self.processor.stop_token_ids, p.settings.max_new_tokens), c)
+            for p, c in zip(batch, callbacks, strict=True)
         ]
+        try:
+            return self._static_generate(batch, streams, stops)
+        except Exception as err:
+            if len(batch) == 1:
+                return [failed(err)]
+            logger.warning(
+                "a static batch of %d failed (%s); retrying its requests one by one", len(batch), err
+            )
+        out: list[ChatResult | Exception] = []
+        for prepared, stream, stop in zip(batch, streams, stops, strict=True):
+            stream.restart()
+            try:
+                out += self._static_generate([prepared], [stream], [stop])
+            except Exception as err:
+                out.append(failed(err))
+        return out
+
+    def _static_generate(
+        self, batch: Sequence[Prepared], streams: list[TextStream], stops: list[Callable[[], bool] | None]
+    ) -> list[ChatResult]:
+        limits = [p.settings.max_new_tokens for p in batch]
         with self._model_lock, torch.no_grad():
             rows = self.visual_rows([f for p in batch for f in p.frames])
             input_ids, mask = self.left_pad([p.input_ids for p in batch])
@@ -503,16 +493,18 @@ class Engine:
             )
             if batch[0].settings.seed is not None:
                 torch.manual_seed(batch[0].settings.seed)
+            width = input_ids.shape[1]
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 max_new_tokens=max(limits),
                 streamer=BatchStreamer(streams),
-                stopping_criteria=StoppingCriteriaList([RowLimits(input_ids.shape[1], limits, stops)]),
+                stopping_criteria=StoppingCriteriaList([RowLimits(width, limits, stops)]),
+                logits_processor=LogitsProcessorList([RowRules(width, [p.settings for p in batch])]),
                 **batch[0].settings.generate_kwargs(),
                 **extra,
             )
-        new = out[:, input_ids.shape[1] :].cpu()
+        new = out[:, width:].cpu()
         results = []
         for i, p in enumerate(batch):
             generated = new[i, : limits[i]].tolist()
@@ -522,8 +514,8 @@ class Engine:
         return results
 
     def decode(self, ids: list[int]) -> str:
-        with self._text_lock:
-            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        with self._decode_lock:
+            return self._decode_tokenizer.decode(ids, skip_special_tokens=True)
 
     def visual_rows(self, frames: list[Frame]) -> list[torch.Tensor]:
         """Each frame's (rows, H) features, from the cache or encoded in batches of the missing ones."""

@@ -13,8 +13,12 @@ instead
   a new row is longer);
 - removes rows (`remove_rows`) by moving the last rows into the gaps (one row copied per removed row);
 - forgets leading columns that are padding in every row by moving `start` (`drop_front`).
-Storage is reallocated (an amortized copy) only when rows or columns run out; it is zero-filled when
-allocated, so padding columns hold finite values (zeros, or stale K/V) that the padding mask removes.
+Storage is reallocated (an amortized copy) only when rows or columns run out. Padding columns hold zeros:
+storage is zero-filled when allocated, and a joining row's padding, like the columns a wider window adds
+to the rows already there, is zeroed, because those slots may hold a departed row's stale K/V. The padding
+mask removes them from attention, but only finite values can be removed: attention computes 0 x NaN = NaN
+for a masked column, so one failed row's NaN K/V left in storage would poison the row that next takes its
+slot. A failed decode step is undone with `truncate` (the columns it appended are forgotten).
 Everything else (masks, `get_seq_length`, the attention's view of `keys`/`values`) is the `DynamicLayer`
 contract, so the model's own forward runs on it unchanged.
 """
@@ -95,9 +99,12 @@ class SlotLayer(DynamicLayer):
         width = max(self.end - self.start, n)
         if self.rows + k > self._keys.shape[0] or self.end - width < 0:
             self._relayout(keys, self.rows + k, width, width - (self.end - self.start))
-        self.start = min(self.start, self.end - n)
-        self._keys[self.rows : self.rows + k, :, self.end - n : self.end] = keys
-        self._values[self.rows : self.rows + k, :, self.end - n : self.end] = values
+        start = min(self.start, self.end - n)
+        for storage, new in ((self._keys, keys), (self._values, values)):
+            storage[: self.rows, :, start : self.start] = 0  # the columns a wider window adds
+            storage[self.rows : self.rows + k, :, start : self.end - n] = 0  # the new rows' padding
+            storage[self.rows : self.rows + k, :, self.end - n : self.end] = new
+        self.start = start
         self.rows += k
         self._view()
 
@@ -155,9 +162,25 @@ class BatchCache(Cache):
         return self.layers[0].get_seq_length()
 
     def add_rows(self, other: Cache) -> None:
-        """Append `other`'s rows (any `Cache` with one `keys`/`values` per layer, e.g. a prefill's)."""
-        for mine, theirs in zip(self.layers, other.layers, strict=True):
-            mine.add_rows(theirs.keys, theirs.values)
+        """Append `other`'s rows (any `Cache` with one `keys`/`values` per layer, e.g. a prefill's). All or
+        nothing: if a layer fails (out of memory while growing), the layers that took the rows give them up."""
+        before = [(layer.rows, layer.start) for layer in self.layers]
+        try:
+            for mine, theirs in zip(self.layers, other.layers, strict=True):
+                mine.add_rows(theirs.keys, theirs.values)
+        except BaseException:
+            for layer, (rows, start) in zip(self.layers, before, strict=True):
+                if layer._keys is not None:
+                    layer.rows, layer.start = rows, start
+                    layer._view()
+            raise
+
+    def truncate(self, columns: int) -> None:
+        """Forget every column after the first `columns` of the window (undoes a failed step's appends)."""
+        for layer in self.layers:
+            if layer._keys is not None:
+                layer.end = min(layer.end, layer.start + columns)
+                layer._view()
 
     def remove_rows(self, removed: list[int]) -> list[int]:
         """Remove rows, moving the last rows into the gaps; returns the old index of each remaining row."""

@@ -118,6 +118,10 @@ class PrefixCache:
         self.reused_tokens += length
         return entry, length, key
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether an entry of `nbytes` can be kept at all (checked before its K/V are copied)."""
+        return nbytes <= self.entries.max_bytes
+
     def put(self, content: torch.Tensor, kv: KV, extends: str | None = None) -> None:
         """Keep `kv` (K/V for every token of `content`); drop the entry `extends` whose prefix it reused."""
         if extends is not None:

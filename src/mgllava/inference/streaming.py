@@ -79,6 +79,11 @@ class TextStream:
     def push(self, token: int) -> None:
         self._deliver(self.detokenizer.push(token))
 
+    def restart(self) -> None:
+        """Decode the answer again from its first token (a retry) without re-sending the text already
+        delivered: the new text is emitted only past it."""
+        self.detokenizer.ids, self.detokenizer.done = [], False
+
     def finish(self, text: str) -> None:
         """The answer ended as `text`: send whatever of it the stream still held back."""
         self._deliver(self.detokenizer.finish(text))
