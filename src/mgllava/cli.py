@@ -116,6 +116,8 @@ def server_settings(args: argparse.Namespace):
         image_url_allow=tuple(args.image_url_allow),
         image_url_timeout_s=args.image_url_timeout_s,
         image_url_max_bytes=int(args.image_url_max_mb * (1 << 20)),
+        body_timeout_s=args.body_timeout_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
     )
 
 
@@ -125,8 +127,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import create_app
 
     settings = server_settings(args)  # checked before the model loads
-    engine = _engine(args, max_image_pixels=args.max_image_pixels)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+    engine = _engine(args, max_image_pixels=args.max_image_pixels, max_prompt_chars=args.max_prompt_chars,
+                     max_message_chars=args.max_message_chars)  # fmt: skip
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)  # fmt: skip
     return 0
 
 
@@ -199,6 +203,21 @@ def _add_serve(sub) -> None:
     )
     limits.add_argument(
         "--max-preparing", type=int, default=2, help="requests decoding their images at once; others wait"
+    )
+    limits.add_argument(
+        "--max-prompt-chars", type=int, help="characters of text per request (default: 16 x the context)"
+    )
+    limits.add_argument(
+        "--max-message-chars", type=int, help="characters of text per message (default: --max-prompt-chars)"
+    )
+    limits.add_argument(
+        "--body-timeout-s", type=float, default=10.0, help="the whole body must arrive within this (else 408)"
+    )
+    serve.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM: wait this long for open requests, then as long again for running ones",
     )
     urls = serve.add_argument_group("image URLs")
     urls.add_argument(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,15 @@ class ImageError(ValueError):
 
 class ImageTooLarge(ImageError):
     """An image over the pixel limit (servers answer these with 413 rather than 400)."""
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def plain(err: BaseException) -> str:
+    """An image library's error message without Python object reprs ("cannot identify image file
+    <_io.BytesIO object at 0x7f...>" becomes "cannot identify image file the data")."""
+    return _OBJECT_REPR.sub("the data", str(err)) or type(err).__name__
 
 
 def describe(source: ImageInput) -> str:
@@ -66,7 +76,7 @@ def _open(source: ImageInput, name: str) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(f"{name}: too many pixels ({err})") from err
     except (UnidentifiedImageError, OSError) as err:
-        raise ImageError(f"{name}: not a readable image ({err})") from err
+        raise ImageError(f"{name}: not a readable image ({plain(err)})") from err
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -109,4 +119,4 @@ def load_image(
             image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{name}: cannot decode ({err})") from err
+        raise ImageError(f"{name}: cannot decode ({plain(err)})") from err

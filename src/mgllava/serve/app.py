@@ -1,7 +1,9 @@
 """The HTTP app over the engine: OpenAI-compatible chat completions, models, health, and the web page.
 
     POST /v1/chat/completions  -> admit (or 429, before the body is read) -> read the body (413 over
-        --max-body-mb) -> count its JSON items, parse it in a thread (400/413) -> count images and boxes
+        --max-body-mb, 408 unless it all arrives within --body-timeout-s) -> count its JSON items, parse it
+        in a thread (400/413) -> refuse parameters it cannot honour and messages it would misread (400,
+        naming the field) -> count images and boxes
         -> fetch http(s) images if enabled (`fetch`) -> decode data URLs, read every image's header and
         check pixels -> Engine.prepare in a thread, at most `max_preparing` at once -> Batcher (or 503)
         -> JSON, or SSE chunks
@@ -14,7 +16,16 @@ or not), body bytes and JSON items, images, boxes and box-selection work, pixels
 request, `max_tokens` (400), requests decoding images at once (they wait), batcher queue (503 +
 Retry-After). Image URLs other than base64 data URLs are refused unless `allow_image_urls` is set, and
 then fetched only from public addresses (`fetch`: fetching arbitrary URLs from the server would let
-clients reach hosts only the server can see).
+clients reach hosts only the server can see). Prompt text is bounded in characters (the engine's
+`max_message_chars` / `max_prompt_chars`, flags `--max-message-chars`, `--max-prompt-chars`) before it
+is tokenised. A slow or stalled upload holds its in-flight slot for at most `body_timeout_s`.
+
+Failures: a request that fails while it is generated gets 500 `generation_failed` (its batch-mates are
+answered); if the engine's worker stops, `/health` answers 503 and every request in flight or new gets 503
+`unavailable` at once. An unexpected error is answered 500 by `errors.CatchAll`, which keeps the connection
+open (Starlette's own handler re-raises, and the server then closes the keep-alive connection). On SIGTERM,
+uvicorn waits up to `shutdown_timeout_s` for open requests, then the worker gets as long again to finish
+what it runs before the rest fail with 503: the process stops within twice that (plus one decode step).
 """
 
 from __future__ import annotations
@@ -38,7 +49,17 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..inference import Batcher, Busy, Engine, EngineInputError, GenerationSettings, Job, Prepared
+from ..inference import (
+    Batcher,
+    Busy,
+    Engine,
+    EngineInputError,
+    EngineUnavailable,
+    GenerationSettings,
+    Job,
+    Prepared,
+    RequestFailed,
+)
 from . import errors, schemas
 from .errors import ApiError
 from .fetch import AddressPolicy, ImageFetcher, Resolver, system_resolver
@@ -73,6 +94,10 @@ class ServerSettings:
     image_url_timeout_s: float = 10.0  # the whole fetch of one URL, redirects included
     image_url_max_bytes: int = 16 << 20
     image_url_max_redirects: int = 3
+    body_timeout_s: float = (
+        10.0  # the whole body must arrive within this (slow uploads hold a slot until then)
+    )
+    shutdown_timeout_s: float = 10.0  # on SIGTERM: for open requests, then again for the worker
 
     def __post_init__(self) -> None:
         counts = ("max_body_bytes", "max_tokens", "default_max_tokens", "max_in_flight", "max_batch_size",
@@ -84,8 +109,9 @@ class ServerSettings:
                 raise ValueError(
                     f"{name} (--{name.replace('_', '-').replace('-bytes', '-mb')}) must be >= 1, got {value}"
                 )
-        if self.image_url_timeout_s <= 0:
-            raise ValueError(f"--image-url-timeout-s must be > 0, got {self.image_url_timeout_s}")
+        for name in ("image_url_timeout_s", "body_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.image_url_allow and not self.allow_image_urls:
             raise ValueError("--image-url-allow has no effect without --allow-image-urls")
         AddressPolicy(tuple(self.image_url_allow))  # refuses malformed entries now
@@ -150,7 +176,7 @@ class Server:
 
     def stop(self) -> None:
         if self.batcher is not None:
-            self.batcher.close()
+            self.batcher.close(self.settings.shutdown_timeout_s)
 
     def admit(self) -> None:
         """Take a slot before the body is read, so a refused request costs no parsing."""
@@ -161,8 +187,16 @@ class Server:
 
     async def read(self, request: Request) -> schemas.ChatCompletionRequest:
         """The body, bounded by `BodyLimit`, counted (`check_json`) and parsed in a worker thread."""
-        raw = b"".join([chunk async for chunk in request.stream()])  # then 2x the body (+ strings) at most
-        return await run_in_threadpool(self._parse, raw)
+        timeout = self.settings.body_timeout_s
+        try:
+            raw = await asyncio.wait_for(_body(request), timeout)  # then 2x the body (+ strings) at most
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout-s)",
+                           "request_timeout") from None  # fmt: skip
+        body = await run_in_threadpool(self._parse, raw)
+        body.refuse_unsupported()
+        body.check_messages()
+        return body
 
     def _parse(self, raw: bytes) -> schemas.ChatCompletionRequest:
         self.limits.check_json(raw)
@@ -184,6 +218,9 @@ class Server:
                 temperature=0.0 if greedy else body.temperature or 0.0,
                 top_p=1.0 if greedy else top_p,
                 seed=body.seed,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0,
+                logit_bias=body.logit_bias_pairs(),
             )
         except EngineInputError as err:
             raise errors.from_engine(err) from err
@@ -248,6 +285,10 @@ class Server:
         return job
 
 
+async def _body(request: Request) -> bytes:
+    return b"".join([chunk async for chunk in request.stream()])
+
+
 def _image_parts(messages: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(param, the part's `image_url` dict) of every image in the conversation, in order."""
     found = []
@@ -280,6 +321,7 @@ def create_app(
     app = FastAPI(title="MG-LLaVA", lifespan=lifespan)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=server.settings.max_body_bytes)
+    app.add_middleware(errors.CatchAll)
     errors.install(app)
     app.mount("/static", StaticFiles(directory=static_dir()), name="static")
     _routes(app, server)
@@ -348,6 +390,8 @@ async def _complete(server: Server, prepared: Prepared) -> JSONResponse:
     except asyncio.CancelledError:
         job.cancel()
         raise
+    except (RequestFailed, EngineUnavailable) as err:
+        raise errors.from_failure(err) from err
     return JSONResponse(schemas.completion(result, schemas.new_id(), server.settings.model_name))
 
 
@@ -376,6 +420,10 @@ def _stream(server: Server, prepared: Prepared, include_usage: bool) -> EventSou
                 yield event(schemas.chunk(request_id, model, {"content": piece}))
             try:
                 result = job.future.result()
+            except (RequestFailed, EngineUnavailable) as err:
+                failure = errors.from_failure(err)
+                yield event(errors.error_body(failure.status, failure.message, failure.code))
+                return
             except Exception as err:
                 logger.exception("generation failed during a stream")
                 yield event(errors.error_body(500, f"internal error: {type(err).__name__}", "internal_error"))

@@ -9,7 +9,11 @@
 | 413 | body bytes or JSON items, pixels of an image or a request, fetched image bytes | request_too_large, image_too_large, too_many_pixels |
 | 429 | too many requests in flight (with Retry-After) | rate_limit_exceeded |
 | 503 | queue full or shutting down (with Retry-After) | overloaded |
-| 500 | a bug or a failed generate (logged with its traceback) | internal_error |
+| 408 | the body did not arrive within --body-timeout-s | request_timeout |
+| 400 | a parameter whose value the server cannot honour (`param` names it) | unsupported_parameter |
+| 500 | this request failed while it was generated (the others in its batch are answered) | generation_failed |
+| 503 | the generation worker stopped (every request gets it; /health says 503) | unavailable |
+| 500 | a bug (logged with its traceback; the connection stays open) | internal_error |
 
 Refusals of a limit name the `mgllava serve` flag that sets it, e.g. "(--max-boxes-per-image)".
 """
@@ -23,13 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..inference import Busy, EngineInputError
+from ..inference import Busy, EngineInputError, EngineUnavailable, RequestFailed
 
 logger = logging.getLogger(__name__)
 
 TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large"}
 ENGINE_STATUS = {"image_too_large": 413}
 
 
@@ -69,6 +74,45 @@ def from_busy(err: Busy) -> ApiError:
                     {"Retry-After": str(int(err.retry_after))})  # fmt: skip
 
 
+def from_failure(err: RequestFailed | EngineUnavailable) -> ApiError:
+    if isinstance(err, EngineUnavailable):
+        return ApiError(
+            503, f"{err}; the server cannot generate now", "unavailable", None, {"Retry-After": "30"}
+        )
+    return ApiError(500, str(err), "generation_failed")
+
+
+class CatchAll:
+    """Answers an unexpected error with a JSON 500 itself (logged with its traceback). Starlette's handler for
+    `Exception` re-raises after answering, and the server then closes the connection, so a keep-alive
+    client's next call would fail too; here the error ends with the response. If the response had already
+    started, nothing can be answered: the error goes on to the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as err:
+            if started:
+                raise
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await ApiError(500, f"internal error: {type(err).__name__}", "internal_error").response()(
+                scope, receive, send
+            )
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     if any(item.get("type") == "json_invalid" for item in err.errors()):
         return "the request body is not valid JSON", None
@@ -98,8 +142,3 @@ def install(app: FastAPI) -> None:
         code = HTTP_CODES.get(err.status_code, "http_error")
         headers = dict(err.headers or {})
         return ApiError(err.status_code, str(err.detail), code, None, headers).response()
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ApiError(500, f"internal error: {type(err).__name__}", "internal_error").response()

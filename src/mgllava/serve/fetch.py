@@ -129,9 +129,12 @@ class ImageFetcher:
         except asyncio.TimeoutError:
             raise ApiError(400, f"{param}: fetching {url} did not finish within {self.timeout_s:g} s "
                            "(--image-url-timeout-s)", "image_url_timeout", param) from None  # fmt: skip
-        except httpx.HTTPError as err:
-            raise ApiError(400, f"{param}: cannot fetch {url}: {err or type(err).__name__}",
-                           "invalid_image_url", param) from err  # fmt: skip
+        except (
+            httpx.HTTPError,
+            httpx.InvalidURL,
+        ) as err:  # an InvalidURL (a redirect to data:) is no HTTPError
+            raise ApiError(400, f"{param}: cannot fetch {url}: {reason(err)}", "invalid_image_url",
+                           param) from err  # fmt: skip
 
     async def _follow(self, url: str, param: str) -> bytes:
         async with httpx.AsyncClient(trust_env=False, timeout=self.timeout_s) as client:
@@ -191,6 +194,18 @@ class ImageFetcher:
             if len(data) > self.max_bytes:
                 raise _too_large(target, f"more than {self.max_bytes}", self.max_bytes, param)
         return bytes(data)
+
+
+def reason(err: BaseException) -> str:
+    """The error and what caused it (a TLS certificate failure, a refused connection), as one line."""
+    seen, parts = set(), []
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err).strip()
+        if text and text not in parts:
+            parts.append(text)
+        err = err.__cause__ or err.__context__
+    return "; ".join(parts) or type(err).__name__
 
 
 def _too_large(target: httpx.URL, size: str, limit: int, param: str) -> ApiError:

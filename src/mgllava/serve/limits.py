@@ -34,6 +34,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..media.images import plain
 from .errors import ApiError
 
 SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -187,7 +188,7 @@ def image_header(data: bytes, param: str) -> ImageHeader:
                        "(--max-image-pixels)", "image_too_large", param) from err  # fmt: skip
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ApiError(400, f"{param}: not a readable image in a served format ({', '.join(SERVED_FORMATS)}): "
-                       f"{err}", "invalid_image", param) from err  # fmt: skip
+                       f"{plain(err)}", "invalid_image", param) from err  # fmt: skip
     if width <= 0 or height <= 0:
         raise ApiError(400, f"{param}: zero-size image ({width}x{height})", "invalid_image", param)
     return ImageHeader(width, height, mode)
