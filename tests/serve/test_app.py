@@ -125,7 +125,7 @@ def test_a_conversation_reuses_its_image_features(client, engine):
         (dict(messages=ask("What?", "/etc/passwd")), 400, "invalid_image_url"),
         (dict(messages=[]), 400, "invalid_request"),
         (dict(messages=[{"role": "tool", "content": "x"}]), 400, "invalid_request"),
-        (dict(messages=ask("What?"), n=2), 400, "invalid_request"),
+        (dict(messages=ask("What?"), n=2), 400, "unsupported_parameter"),
         (dict(messages=ask("What?"), mgllava={"boxes": [[[1, 2, 3, 4]]]}), 400, "invalid_request"),
         (
             dict(messages=ask("What?", data_url(scene(1))), mgllava={"boxes": [[[1, 2, 3]]]}),
