@@ -182,10 +182,8 @@ def test_a_fault_fails_its_request_alone_and_the_batch_answers_as_without_it(
     results = run(engine, prepared)
     assert fired() > 0
     assert isinstance(results[target], RequestFailed), results[target]
-    assert (
-        (str(results[target])
-        and "generation failed" in str(results[target]))
-        or "non-finite" in str(results[target])
+    assert (str(results[target]) and "generation failed" in str(results[target])) or "non-finite" in str(
+        results[target]
     )
     others = [
         (r.token_ids if not isinstance(r, Exception) else r) for k, r in enumerate(results) if k != target

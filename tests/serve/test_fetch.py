@@ -231,6 +231,12 @@ def test_private_loopback_and_metadata_addresses_are_refused(base, origins, path
         ("/slow", 400, "image_url_timeout", "--image-url-timeout-s"),
         ("/loop", 400, "invalid_image_url", "redirects more than 3 times"),
         ("/to?url=file:///etc/passwd", 400, "invalid_image_url", "not an http(s) URL"),
+        (
+            "/to?url=data:image/png;base64,iVBORw0KGgo=",
+            400,
+            "invalid_image_url",
+            "cannot fetch",
+        ),  # InvalidURL
         ("/missing.png", 400, "invalid_image_url", "answered HTTP 404"),
     ],
 )
