@@ -60,7 +60,7 @@ from ..inference import (
     Prepared,
     RequestFailed,
 )
-from . import errors, schemas
+from . import errors, openapi, schemas
 from .errors import ApiError
 from .fetch import AddressPolicy, ImageFetcher, Resolver, system_resolver
 from .limits import BodyLimit, RequestLimits, data_url_bytes, image_header
@@ -320,18 +320,15 @@ def create_app(
 
     app = FastAPI(title="MG-LLaVA", lifespan=lifespan)
     app.state.server = server
+    app.openapi = lambda: openapi.build(
+        app, server.settings.model_name
+    )  # the chat route's body and responses
     app.add_middleware(BodyLimit, max_bytes=server.settings.max_body_bytes)
     app.add_middleware(errors.CatchAll)
     errors.install(app)
     app.mount("/static", StaticFiles(directory=static_dir()), name="static")
     _routes(app, server)
     return app
-
-
-def _request_body_doc() -> dict[str, Any]:
-    """The chat body's schema for /docs (the route parses the body itself, after admission and counting)."""
-    schema = schemas.ChatCompletionRequest.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _routes(app: FastAPI, server: Server) -> None:
@@ -363,7 +360,7 @@ def _routes(app: FastAPI, server: Server) -> None:
                            "model_not_found", "model")  # fmt: skip
         return card
 
-    @app.post("/v1/chat/completions", response_model=None, openapi_extra=_request_body_doc())
+    @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | EventSourceResponse:
         server.admit()
         try:
