@@ -97,6 +97,28 @@ def test_known_answers_give_the_hand_computed_score(tmp_path):
     assert results["categories"]["category"]["attribute"] == {"score": 50.0, "n": 2}
 
 
+def test_mc_instruction_reaches_the_prompts_and_the_folder_stamp(tmp_path):
+    data = fmt.write_mmbench(tmp_path / "mmb.tsv")
+    prompts = []
+
+    def answer(batch):
+        prompts.extend(p.sample.prompt for p in batch)
+        return oracle()(batch)
+
+    out = tmp_path / "out"
+    opts = EvalOptions("mmbench_dev", str(data), str(out), mc_instruction="chinese")
+    assert run_eval(opts, generate=answer)["rules"]["mc_instruction"].startswith("chinese: always Chinese")
+    assert prompts and all(p.endswith("\n请直接回答选项字母。") for p in prompts)
+    stamp = json.loads((out / "answers_for.json").read_text())
+    assert stamp["mc_instruction"] == "chinese"
+    with pytest.raises(ValueError, match="mc_instruction: 'chinese' there, 'by-text' now"):
+        run_eval(EvalOptions("mmbench_dev", str(data), str(out), score_only=True))
+    # a folder stamped before the option existed was made with the only behaviour then: by-text
+    del stamp["mc_instruction"]
+    (out / "answers_for.json").write_text(json.dumps(stamp))
+    assert run_eval(EvalOptions("mmbench_dev", str(data), str(out), score_only=True))["score"] is not None
+
+
 class Interrupt:
     """Wraps a generator and stops the run (as Ctrl-C would) after `batches` batches."""
 

@@ -49,6 +49,7 @@ from ..inference.engine import Engine, GenerationSettings
 from ..utils import dist
 from ..utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from .benchmarks import Benchmark, EvalOptions, box_settings, describe_box_settings, get_benchmark
+from .multiple_choice import DEFAULT_MC_INSTRUCTION
 from .report import build_results, render_markdown
 from .samples import Loaded, Sample, check_unique_keys, limit_samples
 from .video_qa import find_video
@@ -67,6 +68,8 @@ TABLE = "results.md"
 RUN = "run.json"  # timings and topology of the last run; kept out of results.json
 STAMP = "answers_for.json"  # the settings the answers in the folder were made with
 SHARDS = "shards"
+# settings added to the stamp later, with the only value folders stamped before them can have been made with
+STAMP_BEFORE = {"mc_instruction": DEFAULT_MC_INSTRUCTION}
 
 
 @dataclass
@@ -276,7 +279,7 @@ def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, A
         "max_new_tokens": max_new,
     }
     if (out / STAMP).is_file():
-        old = json.loads((out / STAMP).read_text(encoding="utf-8"))
+        old = {**STAMP_BEFORE, **json.loads((out / STAMP).read_text(encoding="utf-8"))}
         ignore = {"model"} if opts.score_only or None in (old.get("model"), stamp["model"]) else set()
         differ = [k for k in stamp if k not in ignore and old.get(k) != stamp[k]]
         if differ:
