@@ -177,6 +177,11 @@ def test_repeated_keys_are_refused_by_every_loader_or_the_runner(tmp_path):
     data["data"].append(data["data"][1])
     text["official"].write_text(json.dumps(data))
     assert [i.where for i in load_textvqa(text["official"], ocr=text["ocr"]).issues] == ["34603"]
+    sqa = fmt.write_scienceqa(tmp_path / "problems.json")
+    text = sqa.read_text()
+    sqa.write_text(text[:-1] + ", " + text[1 : text.index(', "6"')] + "}")  # problem "5" a second time
+    with pytest.raises(ValueError, match=r"problems.json: key\(s\) '5' appear more than once"):
+        load_scienceqa_json(sqa)
     twice = Loaded([Sample("7", "<image>\nq"), Sample("8", "<image>\nq"), Sample("7", "<image>\nr")])
     with pytest.raises(ValueError, match="'7' appear more than once"):
         check_unique_keys(twice, "seed_image SEED-Bench.json")
@@ -238,6 +243,46 @@ def test_textvqa_llava_question_file(tmp_path):
     assert llava_prompt_question("OCR tokens: a, b. Question: Who? Short answer:") == "who?"
     result = score_short_answer(loaded, {a.key: "Coca-Cola", b.key: "five", c.key: "x"}, "textvqa")
     assert result["score"] == 100.0 and result["scored"] == 2 and result["no_ground_truth"] == [c.key]
+
+
+def test_one_question_in_two_released_formats_gives_one_prompt(tmp_path):
+    """The benchmarks' own files and the VLMEvalKit / LLaVA files the reference reads give byte-equal prompts
+    for the same question, empty hints and missing options included."""
+    image = fmt.b64(fmt.png_bytes())
+    seed_json = load_seed_json(fmt.write_seed(tmp_path / "SEED-Bench.json"))
+    row = dict(index="101", question="What colour?", A="red", B="green", C="blue", D="black", answer="B",
+               category="Scene Understanding", image=image)  # fmt: skip
+    tsv = fmt.write_tsv(tmp_path / "SEEDBench_IMG.tsv", [row], fmt.MC_TSV_COLUMNS["SEEDBench_IMG.tsv"])
+    assert load_tsv(tsv).samples[0].prompt == seed_json.samples[0].prompt
+
+    problems = json.loads(fmt.write_scienceqa(tmp_path / "problems.json").read_text())
+    problems["9"] = dict(question="Which is cold?", choices=["ice", "fire"], answer=0, hint="",
+                         image="image.png", split="test", subject="natural science")  # fmt: skip
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    native = {s.key: s.prompt for s in load_scienceqa_json(tmp_path / "problems.json").samples}
+    rows = [
+        dict(index="5", question="Which is a mammal?", hint="Whales breathe air.", A="shark", B="whale",
+             C="trout", answer="B", category="natural science", image=image, split="test"),
+        dict(index="9", question="Which is cold?", hint="", A="ice", B="fire", C="", answer="A",
+             category="natural science", image=image, split="test"),
+    ]  # fmt: skip
+    tsv = fmt.write_tsv(tmp_path / "ScienceQA_TEST.tsv", rows, fmt.MC_TSV_COLUMNS["ScienceQA_TEST.tsv"])
+    assert {s.key: s.prompt for s in load_tsv(tsv).samples} == native
+    assert native["9"] == f"<image>\nWhich is cold?\nA. ice\nB. fire\n{SUFFIX}"
+
+    vqa = fmt.write_vqav2(tmp_path / "vqa")
+    official = {s.key: s.prompt for s in load_vqav2(vqa["testdev"]).samples}
+    llava = {s.key: s.prompt for s in load_vqav2(vqa["llava_test2015"]).samples}
+    assert official == {k: llava[k] for k in official} and len(official) == 2
+
+    doc = fmt.write_docvqa(tmp_path / "doc")
+    from_json = load_docvqa(doc["official"]).samples[0]
+    from_tsv = load_docvqa(doc["tsv"]).samples[0]
+    assert (
+        from_json.prompt
+        == from_tsv.prompt
+        == ("<image>\nWhat is the date?\nAnswer the question using a single word or phrase.")
+    )
 
 
 def test_docvqa_json_and_tsv(tmp_path):

@@ -365,7 +365,7 @@ def load_scienceqa_json(
     instruction: str = DEFAULT_MC_INSTRUCTION,
 ) -> Loaded:
     """ScienceQA problems.json: the questions of `split` that have an image (ScienceQA-IMG)."""
-    data = read_json(path, "ScienceQA file")
+    data = read_json(path, "ScienceQA file", unique_keys=True)  # keyed by problem id
     if not isinstance(data, dict):
         raise ValueError(f"ScienceQA file {path}: expected an object of problems keyed by id")
     samples, issues = [], []

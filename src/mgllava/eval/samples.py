@@ -66,17 +66,36 @@ class Loaded:
     table: list[dict[str, Any]] | None = None  # the file's rows (no images), for submission files
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """A JSON file, or an error naming it (and the line of a syntax error)."""
+class RepeatedKeys(ValueError):
+    """A JSON object names a key twice (json.loads would keep the last one silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    counts = Counter(key for key, _ in pairs)
+    repeated = [key for key, n in counts.items() if n > 1]
+    if repeated:
+        raise RepeatedKeys(
+            f"key(s) {', '.join(map(repr, repeated[:10]))} appear more than once in one object"
+        )
+    return dict(pairs)
+
+
+def read_json(path: str | Path, what: str, unique_keys: bool = False) -> Any:
+    """A JSON file, or an error naming it (and the line of a syntax error). `unique_keys`: refuse an object
+    that repeats a key (for files keyed by question id, such as ScienceQA's problems.json)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(
+            path.read_text(encoding="utf-8"), object_pairs_hook=_unique_pairs if unique_keys else None
+        )
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path}: not valid JSON (line {err.lineno}: {err.msg})") from err
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} {path}: not UTF-8 text ({err.reason})") from err
+    except RepeatedKeys as err:
+        raise ValueError(f"{what} {path}: {err}; two questions cannot share one id") from err
 
 
 def expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
