@@ -119,6 +119,22 @@ def test_mc_instruction_reaches_the_prompts_and_the_folder_stamp(tmp_path):
     assert run_eval(EvalOptions("mmbench_dev", str(data), str(out), score_only=True))["score"] is not None
 
 
+def test_textvqa_answers_made_with_the_old_prompts_are_not_mixed_in(tmp_path):
+    """The official-JSON TextVQA prompts changed (capitalised, empty OCR line kept): a folder answered
+    before, whose stamp has no prompt rule, is refused rather than resumed or rescored with mixed prompts."""
+    files = fmt.write_textvqa(tmp_path / "tv")
+    out = tmp_path / "out"
+    opts = EvalOptions("textvqa_val", str(files["official"]), str(out), ocr=str(files["ocr"]))
+    assert run_eval(opts, generate=lambda batch: ["coke" for _ in batch])["counts"]["scored"] == 2
+    stamp = json.loads((out / "answers_for.json").read_text())
+    assert stamp["prompt_rule"].startswith("question.capitalize()")
+    del stamp["prompt_rule"]
+    (out / "answers_for.json").write_text(json.dumps(stamp))
+    opts.score_only = True
+    with pytest.raises(ValueError, match="other settings \\(prompt_rule: None there"):
+        run_eval(opts)
+
+
 class Interrupt:
     """Wraps a generator and stops the run (as Ctrl-C would) after `batches` batches."""
 

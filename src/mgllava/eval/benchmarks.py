@@ -138,9 +138,8 @@ class Benchmark:
     box_key: str = "the sample id"  # what box files for this benchmark are keyed by (the reference's key)
     box_settings: dict[str, Any] = field(default_factory=lambda: dict(REFERENCE_BOXES))
     choice_rules: dict[str, str] | None = None  # multiple choice: scoring pipeline -> letter rule
-    circular: bool = (
-        False  # multiple choice: CircularEval over rotated rows (MMBench), else one row one question
-    )
+    # multiple choice: CircularEval over rotated rows (MMBench); else one row is one question
+    circular: bool = False
 
     def check(self, opts: EvalOptions) -> None:
         """Refuse, before anything is generated, scoring settings this benchmark cannot score with."""

@@ -260,8 +260,12 @@ def _check(opts: EvalOptions) -> None:
         raise FileNotFoundError(f"--images {opts.images}: no such folder")
 
 
-def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, Any]) -> dict[str, Any]:
-    """What the answers in `out` were made with; answers made otherwise are never mixed in (ValueError)."""
+def _check_folder(
+    out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, Any], loaded: Loaded
+) -> dict[str, Any]:
+    """What the answers in `out` were made with; answers made otherwise are never mixed in (ValueError).
+    A loader whose prompts changed states its rule in `info["prompt_rule"]`; a folder without it was
+    answered under the old prompts and is refused."""
 
     def path(value: str | None) -> str | None:
         return str(Path(value).resolve()) if value is not None else None
@@ -278,6 +282,8 @@ def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, A
         "split": opts.split,
         "max_new_tokens": max_new,
     }
+    if "prompt_rule" in loaded.info:
+        stamp["prompt_rule"] = loaded.info["prompt_rule"]
     if (out / STAMP).is_file():
         old = {**STAMP_BEFORE, **json.loads((out / STAMP).read_text(encoding="utf-8"))}
         ignore = {"model"} if opts.score_only or None in (old.get("model"), stamp["model"]) else set()
@@ -306,7 +312,7 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
     settings = box_settings(bench, opts)
     max_new = opts.max_new_tokens or bench.max_new_tokens
     out = Path(opts.out)
-    stamp = _check_folder(out, opts, max_new, settings)
+    stamp = _check_folder(out, opts, max_new, settings, loaded)
     lookup = BoxLookup.load(opts.boxes) if opts.boxes else None
     boxes = find_boxes(loaded.samples, lookup, opts.max_missing_boxes, bench, loaded)
     done = read_records(out)

@@ -168,7 +168,12 @@ def load_textvqa(
                 meta={},
             )
         )
-    info = {"format": "TextVQA JSON", "prompt": variant, "box_ids": "`image_id` (LLaVA's `question_id`)"}
+    info = {
+        "format": "TextVQA JSON",
+        "prompt": variant,
+        "prompt_rule": "question.capitalize(), OCR line kept when empty (LLaVA's question file)",
+        "box_ids": "`image_id` (LLaVA's `question_id`)",
+    }
     return Loaded(keep_first(samples, issues, "question_id"), issues, info)
 
 
