@@ -140,10 +140,11 @@ def test_seed_bench_json(tmp_path):
     assert load_seed_json(tmp_path / "SEED-Bench.json").samples[0].answers == ["B"]
 
 
-def test_a_repeated_seed_id_is_two_questions_scored_by_plain_accuracy(tmp_path):
+def test_a_repeated_seed_id_is_two_questions_scored_by_plain_accuracy(tmp_path, caplog):
     """SEED-Bench.json repeats question_id "49914": both questions are answered and scored (4 questions,
     not 3), each with its own answer, and the metric stays plain accuracy, not CircularEval."""
     loaded = load_seed_json(fmt.write_seed_repeated_id(tmp_path / "SEED-Bench.json"))
+    assert "question_id '49914' names 2 questions; answered and scored as 49914, 49914#2" in caplog.text
     assert [s.key for s in loaded.samples] == ["49913", "49914", "49914#2", "49915"]
     assert loaded.info["renamed_duplicates"] == {"49914": ["49914", "49914#2"]}
     assert [s.meta["question_id"] for s in loaded.samples][1:3] == ["49914", "49914"]

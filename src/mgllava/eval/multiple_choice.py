@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import string
 from collections.abc import Iterator
@@ -59,6 +60,8 @@ from ..utils.io import atomic_write_text
 from .metrics import CHOICE_RULES, CIRCULAR_BASE, circular_correct, circular_key, extract_choice
 from .samples import Issue, Loaded, Sample, decode_base64, media_path, read_json, tag_in_text
 from .scoring import by_category, macro_percent, mean_percent
+
+logger = logging.getLogger(__name__)
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 MC_SUFFIX_CN = "请直接回答选项字母。"
@@ -337,11 +340,15 @@ def load_seed_json(
                 },
             )
         )
+    renamed = {qid: keys for qid, keys in copies.items() if len(keys) > 1}
+    for qid, keys in renamed.items():
+        logger.warning("%s: question_id %r names %d questions; answered and scored as %s",
+                       path, qid, len(keys), ", ".join(keys))  # fmt: skip
     info = {
         "format": SEED_FORMAT,
         "box_ids": "the image's `data_id` (SEED-Bench.json has no TSV `index`)",
         "video_questions_skipped": skipped,
-        "renamed_duplicates": {qid: keys for qid, keys in copies.items() if len(keys) > 1},
+        "renamed_duplicates": renamed,
     }
     return Loaded(samples, issues, info)
 
