@@ -283,6 +283,26 @@ def write_seed(path: Path) -> Path:
     return path
 
 
+def write_seed_repeated_id(path: Path) -> Path:
+    """SEED-Bench.json as released in one respect: two image questions share `question_id` "49914" (the
+    released file's ids are strings), between questions with ids of their own."""
+
+    def question(qid, question, answer, data_id, type_id):
+        choices = dict(choice_a="one", choice_b="two", choice_c="three", choice_d="four")
+        return dict(answer=answer, **choices, data_id=data_id, data_type="image", question=question,
+                    question_id=qid, question_type_id=type_id)  # fmt: skip
+
+    questions = [
+        question("49913", "How many dogs are there?", "A", "1454426_2591111986.jpg", 2),
+        question("49914", "How many cats are there?", "B", "1454427_2591111987.jpg", 2),
+        question("49914", "How many cars are in the image?", "D", "1454428_2591111988.jpg", 1),
+        question("49915", "How many people are there?", "C", "1454429_2591111989.jpg", 1),
+    ]
+    types = {"Scene Understanding": 1, "Instance Identity": 2}
+    path.write_text(json.dumps({"questions": questions, "question_type": types}))
+    return path
+
+
 def write_scienceqa(path: Path) -> Path:
     problems = {
         "5": dict(
@@ -330,6 +350,9 @@ def write_scienceqa(path: Path) -> Path:
 
 
 def write_textvqa(folder: Path) -> dict[str, Path]:
+    """As released: the official questions lower-case (one with a capitalised word), one image without OCR
+    tokens; LLaVA's question file with the same questions through `str.capitalize()` and, for the image
+    without tokens, an empty `Reference OCR token: ` line (its 115 such questions read so)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = [
         dict(
@@ -343,7 +366,13 @@ def write_textvqa(folder: Path) -> dict[str, Path]:
             question_id=34602,
             set_name="val",
         ),
-        dict(question="what number?", image_id="bb02", answers=["5"] * 10, question_id=34603, set_name="val"),
+        dict(
+            question="what number is on the SIGN?",
+            image_id="bb02",
+            answers=["5"] * 10,
+            question_id=34603,
+            set_name="val",
+        ),
     ]
     official = folder / "TextVQA_0.5.1_val.json"
     official.write_text(
@@ -368,19 +397,19 @@ def write_textvqa(folder: Path) -> dict[str, Path]:
             "question_id": "aa01",
             "image": "aa01.jpg",
             "category": "default",
-            "text": "what brand is this?\nReference OCR token: COCA, Cola\nAnswer the question using a single word or phrase.",
+            "text": "What brand is this?\nReference OCR token: COCA, Cola\nAnswer the question using a single word or phrase.",
         },
         {
             "question_id": "bb02",
             "image": "bb02.jpg",
             "category": "default",
-            "text": "what number?\nAnswer the question using a single word or phrase.",
+            "text": "What number is on the sign?\nReference OCR token: \nAnswer the question using a single word or phrase.",
         },
         {
             "question_id": "cc03",
             "image": "cc03.jpg",
             "category": "default",
-            "text": "not in the annotations?\nAnswer the question using a single word or phrase.",
+            "text": "Not in the annotations?\nReference OCR token: x\nAnswer the question using a single word or phrase.",
         },
     ]
     llava.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -472,7 +501,22 @@ def write_vqav2(folder: Path) -> dict[str, Path]:
             }
         )
     )  # question 70 has no annotation
-    return {"val": val_q, "testdev": test_q, "test2015": full_q, "annotations": annotations}
+    suffix = "\nAnswer the question using a single word or phrase."
+    llava_full = folder / "llava_vqav2_mscoco_test2015.jsonl"
+    llava_full.write_text(
+        "".join(
+            json.dumps({"question_id": q["question_id"], "image": f"COCO_test2015_{q['image_id']:012d}.jpg",
+                        "text": q["question"] + suffix, "category": "default"}) + "\n"
+            for q in reversed(questions)  # its own order, which LLaVA's upload follows
+        )
+    )  # fmt: skip
+    return {
+        "val": val_q,
+        "testdev": test_q,
+        "test2015": full_q,
+        "annotations": annotations,
+        "llava_test2015": llava_full,
+    }
 
 
 def write_video(path: Path, n_frames: int = 12) -> Path:

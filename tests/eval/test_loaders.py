@@ -21,6 +21,7 @@ from mgllava.eval.short_answer import (
     load_textvqa,
     load_vqav2,
     score_short_answer,
+    write_vqav2_upload,
 )
 from mgllava.eval.video_qa import find_video, load_video_qa
 
@@ -56,7 +57,7 @@ def test_mmbench_circular_scoring_by_hand(tmp_path):
     answers = {s.key: s.answers[0] for s in loaded.samples}
     predictions = {k: f"The answer is {v}." for k, v in answers.items()}
     predictions["1000001"] = "A"  # question 1: one rotation wrong
-    result = score_multiple_choice(loaded, predictions, "reference")
+    result = score_multiple_choice(loaded, predictions, "reference", circular=True)
     # question 0 (4 rotations right), question 1 (one wrong), question 2 (right); question 6 has an invalid row
     assert result["metric"] == "circular_accuracy"
     assert result["score"] == pytest.approx(100 * 2 / 3, abs=1e-4)
@@ -74,19 +75,24 @@ def test_mmbench_circular_scoring_by_hand(tmp_path):
     # the reference rule reads "Apple" as A (right for question 2); VLMEvalKit finds no letter token, and
     # "apple" (5 chars) is longer than twice its options "1" + "2", so nothing: wrong
     predictions["2"] = "Apple"
-    assert score_multiple_choice(loaded, predictions, "reference")["score"] == pytest.approx(
+    assert score_multiple_choice(loaded, predictions, "reference", circular=True)["score"] == pytest.approx(
         100 * 2 / 3, abs=1e-4
     )
-    assert score_multiple_choice(loaded, predictions, "vlmevalkit")["score"] == pytest.approx(
+    assert score_multiple_choice(loaded, predictions, "vlmevalkit", circular=True)["score"] == pytest.approx(
         100 * 1 / 3, abs=1e-4
     )
     # "Apple" is the one answer without an option letter under VLMEvalKit's rule
-    assert score_multiple_choice(loaded, predictions, "vlmevalkit")["unparsed_predictions"] == 1
+    assert (
+        score_multiple_choice(loaded, predictions, "vlmevalkit", circular=True)["unparsed_predictions"] == 1
+    )
     # vanilla: row 2 now wrong: 3 of 4
-    assert score_multiple_choice(loaded, predictions, "vlmevalkit")["vanilla_accuracy"]["score"] == 75.0
+    assert (
+        score_multiple_choice(loaded, predictions, "vlmevalkit", circular=True)["vanilla_accuracy"]["score"]
+        == 75.0
+    )
     # a question with a rotation not answered yet is not scored
     del predictions["2000000"]
-    assert "0" in score_multiple_choice(loaded, predictions)["incomplete_questions"]
+    assert "0" in score_multiple_choice(loaded, predictions, circular=True)["incomplete_questions"]
 
 
 def test_limit_keeps_rotations_together(tmp_path):
@@ -103,12 +109,24 @@ def test_tsv_quoted_like_vlmevalkit_and_test_split_without_answers(tmp_path):
     assert [s.key for s in load_tsv(path).samples][:2] == ["0", "1000000"]
     test = load_tsv(fmt.write_mmbench(tmp_path / "MMBench_TEST_EN.tsv", with_answers=False))
     assert not test.info["has_answers"] and all(s.answers is None for s in test.samples)
-    result = score_multiple_choice(test, {s.key: "A" for s in test.samples})
+    result = score_multiple_choice(test, {s.key: "A" for s in test.samples}, circular=True)
     assert result["scored"] == 0 and result["no_ground_truth"] == ["0", "1", "2", "6"]
 
 
 def test_mc_prompt_in_chinese():
     assert mc_prompt("哪个?", {"A": "猫", "B": "狗"}).endswith("B. 狗\n请直接回答选项字母。")
+
+
+def test_kanji_in_an_english_row_follow_the_reference_unless_told():
+    """MMBench_DEV_EN quotes kanji in some rows: the MG-LLaVA reference (default, by-text) then closes with
+    the Chinese instruction; LLaVA (--lang en) keeps the English one: --mc-instruction english."""
+    options = {"A": "mountain", "B": "river"}
+    question = "What does the character 山 mean?"
+    assert mc_prompt(question, options).endswith("B. river\n请直接回答选项字母。")
+    assert mc_prompt(question, options, instruction="english").endswith(f"B. river\n{SUFFIX}")
+    assert mc_prompt("Which?", options, instruction="chinese").endswith("\n请直接回答选项字母。")
+    with pytest.raises(ValueError, match="unknown --mc-instruction 'cn'"):
+        mc_prompt(question, options, instruction="cn")
 
 
 def test_seed_bench_json(tmp_path):
@@ -120,6 +138,54 @@ def test_seed_bench_json(tmp_path):
     assert loaded.info["video_questions_skipped"] == 1
     assert [(i.where, "not one of the options" in i.reason) for i in loaded.issues] == [("103", True)]
     assert load_seed_json(tmp_path / "SEED-Bench.json").samples[0].answers == ["B"]
+
+
+def test_a_repeated_seed_id_is_two_questions_scored_by_plain_accuracy(tmp_path, caplog):
+    """SEED-Bench.json repeats question_id "49914": both questions are answered and scored (4 questions,
+    not 3), each with its own answer, and the metric stays plain accuracy, not CircularEval."""
+    loaded = load_seed_json(fmt.write_seed_repeated_id(tmp_path / "SEED-Bench.json"))
+    assert "question_id '49914' names 2 questions; answered and scored as 49914, 49914#2" in caplog.text
+    assert [s.key for s in loaded.samples] == ["49913", "49914", "49914#2", "49915"]
+    assert loaded.info["renamed_duplicates"] == {"49914": ["49914", "49914#2"]}
+    assert [s.meta["question_id"] for s in loaded.samples][1:3] == ["49914", "49914"]
+    assert loaded.samples[2].prompt.startswith("<image>\nHow many cars are in the image?\nA. one\n")
+    predictions = {"49913": "A", "49914": "B", "49914#2": "B", "49915": "C"}  # the repeated id's 2nd: wrong
+    result = score_multiple_choice(loaded, predictions, "llava-seed", circular=False)
+    assert result["metric"] == "accuracy" and result["scored"] == 4 and result["score"] == 75.0
+    assert "vanilla_accuracy" not in result
+    assert result["extracted"] == {"49913": "A", "49914": "B", "49914#2": "B", "49915": "C"}
+
+
+def test_repeated_keys_are_refused_by_every_loader_or_the_runner(tmp_path):
+    """Loaders that cannot rename a repeated id list the later copies as invalid, naming the id; a loader
+    output that still repeats a key is refused before anything is answered."""
+    from mgllava.eval.samples import Loaded, Sample, check_unique_keys
+
+    files = fmt.write_vqav2(tmp_path / "vqa")
+    data = json.loads(files["val"].read_text())
+    data["questions"].append(dict(data["questions"][0], question="Asked again?"))
+    files["val"].write_text(json.dumps(data))
+    loaded = load_vqav2(files["val"])
+    assert [s.key for s in loaded.samples] == ["420", "421", "70"]
+    assert [(i.where, "'420' appears more than once" in i.reason) for i in loaded.issues] == [("420", True)]
+    docs = fmt.write_docvqa(tmp_path / "doc")
+    data = json.loads(docs["official"].read_text())
+    data["data"].append(data["data"][0])
+    docs["official"].write_text(json.dumps(data))
+    assert [i.where for i in load_docvqa(docs["official"]).issues] == ["49153"]
+    text = fmt.write_textvqa(tmp_path / "tv")
+    data = json.loads(text["official"].read_text())
+    data["data"].append(data["data"][1])
+    text["official"].write_text(json.dumps(data))
+    assert [i.where for i in load_textvqa(text["official"], ocr=text["ocr"]).issues] == ["34603"]
+    sqa = fmt.write_scienceqa(tmp_path / "problems.json")
+    text = sqa.read_text()
+    sqa.write_text(text[:-1] + ", " + text[1 : text.index(', "6"')] + "}")  # problem "5" a second time
+    with pytest.raises(ValueError, match=r"problems.json: key\(s\) '5' appear more than once"):
+        load_scienceqa_json(sqa)
+    twice = Loaded([Sample("7", "<image>\nq"), Sample("8", "<image>\nq"), Sample("7", "<image>\nr")])
+    with pytest.raises(ValueError, match="'7' appear more than once"):
+        check_unique_keys(twice, "seed_image SEED-Bench.json")
 
 
 def test_scienceqa_problems_json(tmp_path):
@@ -138,32 +204,86 @@ def test_textvqa_official_with_ocr_tokens(tmp_path):
     files = fmt.write_textvqa(tmp_path)
     loaded = load_textvqa(files["official"], "/tv", ocr=files["ocr"])
     first, second = loaded.samples
+    # the official lower-case question capitalised as LLaVA's file and lmms-eval do (str.capitalize)
     assert first.prompt == (
-        "<image>\nwhat brand is this?\nReference OCR token: COCA, Cola\n"
+        "<image>\nWhat brand is this?\nReference OCR token: COCA, Cola\n"
         "Answer the question using a single word or phrase."
     )
-    assert second.prompt == "<image>\nwhat number?\nAnswer the question using a single word or phrase."
+    # no OCR tokens: LLaVA's file keeps the line with nothing after the colon; capitalize() lowers "SIGN"
+    assert second.prompt == (
+        "<image>\nWhat number is on the sign?\nReference OCR token: \n"
+        "Answer the question using a single word or phrase."
+    )
     assert first.image == "/tv/aa01.jpg" and first.key == "34602" and len(first.answers) == 10
     plain = load_textvqa(files["official"], "/tv", variant="plain")
-    assert (
-        plain.samples[0].prompt
-        == "<image>\nwhat brand is this?\nAnswer the question using a single word or phrase."
-    )
+    assert [s.prompt for s in plain.samples] == [
+        "<image>\nWhat brand is this?\nAnswer the question using a single word or phrase.",
+        "<image>\nWhat number is on the sign?\nAnswer the question using a single word or phrase.",
+    ]
     with pytest.raises(ValueError, match="--ocr"):
         load_textvqa(files["official"], "/tv")
+
+
+def test_textvqa_official_prompts_equal_llavas_question_file(tmp_path):
+    """The official JSON + Rosetta OCR give, byte for byte, the prompts of LLaVA's
+    llava_textvqa_val_v051_ocr.jsonl (which the reference reads), OCR-less and lower-case questions included."""
+    files = fmt.write_textvqa(tmp_path)
+    native = {s.box_id: s.prompt for s in load_textvqa(files["official"], "/tv", ocr=files["ocr"]).samples}
+    llava = {s.box_id: s.prompt for s in load_textvqa(files["llava"], "/tv").samples}
+    assert native == {k: llava[k] for k in native} and len(native) == 2
 
 
 def test_textvqa_llava_question_file(tmp_path):
     files = fmt.write_textvqa(tmp_path)
     loaded = load_textvqa(files["llava"], "/tv", annotations=files["official"])
     a, b, c = loaded.samples
-    assert a.prompt.startswith("<image>\nwhat brand is this?\nReference OCR token: COCA, Cola\n")
+    assert a.prompt.startswith("<image>\nWhat brand is this?\nReference OCR token: COCA, Cola\n")
     assert a.answers[0] == "coca cola" and b.answers == ["5"] * 10
     assert c.answers is None  # not in the annotations: listed, never scored
     assert llava_prompt_question("Q?\nReference OCR token: x\nAnswer briefly.") == "q?"
     assert llava_prompt_question("OCR tokens: a, b. Question: Who? Short answer:") == "who?"
     result = score_short_answer(loaded, {a.key: "Coca-Cola", b.key: "five", c.key: "x"}, "textvqa")
     assert result["score"] == 100.0 and result["scored"] == 2 and result["no_ground_truth"] == [c.key]
+
+
+def test_one_question_in_two_released_formats_gives_one_prompt(tmp_path):
+    """The benchmarks' own files and the VLMEvalKit / LLaVA files the reference reads give byte-equal prompts
+    for the same question, empty hints and missing options included."""
+    image = fmt.b64(fmt.png_bytes())
+    seed_json = load_seed_json(fmt.write_seed(tmp_path / "SEED-Bench.json"))
+    row = dict(index="101", question="What colour?", A="red", B="green", C="blue", D="black", answer="B",
+               category="Scene Understanding", image=image)  # fmt: skip
+    tsv = fmt.write_tsv(tmp_path / "SEEDBench_IMG.tsv", [row], fmt.MC_TSV_COLUMNS["SEEDBench_IMG.tsv"])
+    assert load_tsv(tsv).samples[0].prompt == seed_json.samples[0].prompt
+
+    problems = json.loads(fmt.write_scienceqa(tmp_path / "problems.json").read_text())
+    problems["9"] = dict(question="Which is cold?", choices=["ice", "fire"], answer=0, hint="",
+                         image="image.png", split="test", subject="natural science")  # fmt: skip
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    native = {s.key: s.prompt for s in load_scienceqa_json(tmp_path / "problems.json").samples}
+    rows = [
+        dict(index="5", question="Which is a mammal?", hint="Whales breathe air.", A="shark", B="whale",
+             C="trout", answer="B", category="natural science", image=image, split="test"),
+        dict(index="9", question="Which is cold?", hint="", A="ice", B="fire", C="", answer="A",
+             category="natural science", image=image, split="test"),
+    ]  # fmt: skip
+    tsv = fmt.write_tsv(tmp_path / "ScienceQA_TEST.tsv", rows, fmt.MC_TSV_COLUMNS["ScienceQA_TEST.tsv"])
+    assert {s.key: s.prompt for s in load_tsv(tsv).samples} == native
+    assert native["9"] == f"<image>\nWhich is cold?\nA. ice\nB. fire\n{SUFFIX}"
+
+    vqa = fmt.write_vqav2(tmp_path / "vqa")
+    official = {s.key: s.prompt for s in load_vqav2(vqa["testdev"]).samples}
+    llava = {s.key: s.prompt for s in load_vqav2(vqa["llava_test2015"]).samples}
+    assert official == {k: llava[k] for k in official} and len(official) == 2
+
+    doc = fmt.write_docvqa(tmp_path / "doc")
+    from_json = load_docvqa(doc["official"]).samples[0]
+    from_tsv = load_docvqa(doc["tsv"]).samples[0]
+    assert (
+        from_json.prompt
+        == from_tsv.prompt
+        == ("<image>\nWhat is the date?\nAnswer the question using a single word or phrase.")
+    )
 
 
 def test_docvqa_json_and_tsv(tmp_path):
@@ -256,7 +376,7 @@ def test_nothing_scored_gives_no_score_rather_than_zero(tmp_path):
     result = score_short_answer(loaded, {}, "exact", ("category",))
     assert result["score"] is None and result["scored"] == 0 and result["categories"] == {}
     mmb = load_tsv(fmt.write_mmbench(tmp_path / "mmb.tsv"))
-    assert score_multiple_choice(mmb, {})["score"] is None
+    assert score_multiple_choice(mmb, {}, circular=True)["score"] is None
 
 
 def test_vqav2_llava_question_file(tmp_path):
@@ -276,6 +396,23 @@ def test_vqav2_llava_question_file(tmp_path):
         "needs question_id, text and image",
         "question_id appears twice",
     ]
+
+
+def test_vqav2_upload_completed_from_either_question_file(tmp_path):
+    """LLaVA completes its upload from llava_vqav2_mscoco_test2015.jsonl: every id of that file, in its
+    order, "" where nothing was answered. The official test2015 JSON gives the same ids in its own order."""
+    files = fmt.write_vqav2(tmp_path / "vqa")
+    loaded = load_vqav2(files["testdev"])  # questions 420 and 421
+    answers = {"420": "Red.", "421": "4"}
+    path, empty = write_vqav2_upload(loaded, answers, tmp_path / "a.json", files["llava_test2015"], "llava")
+    llava = [{"question_id": 70, "answer": ""}, {"question_id": 421, "answer": "4"},
+             {"question_id": 420, "answer": "red"}]  # fmt: skip
+    assert json.loads(path.read_text()) == llava and empty == ["70"]
+    path, empty = write_vqav2_upload(loaded, answers, tmp_path / "b.json", files["test2015"], "llava")
+    assert json.loads(path.read_text()) == llava[::-1] and empty == ["70"]
+    files["val"].write_text("[]")
+    with pytest.raises(ValueError, match=r"LLaVA \.jsonl question file"):
+        write_vqav2_upload(loaded, answers, tmp_path / "c.json", files["val"])
 
 
 def mmstar_rows():
@@ -299,7 +436,7 @@ def test_mmstar_rule_with_micro_and_macro(tmp_path):
     assert loaded.samples[0].meta["l2_category"] == "image scene and topic"
     # MMStar's rule: "a" -> A (right); "The answer is a" -> p[14] 'a' (wrong, B); "(c)" -> C (right)
     predictions = {"0": "a", "1": "The answer is a", "2": "(c)"}
-    result = score_multiple_choice(loaded, predictions, "mmstar")
+    result = score_multiple_choice(loaded, predictions, "mmstar", circular=False)
     # micro 2/3; macro over category: coarse perception 1/2, math 1/1 -> (50 + 100) / 2 = 75
     assert result["score"] == pytest.approx(100 * 2 / 3, abs=1e-4) and result["metric"] == "accuracy"
     assert result["macro_accuracy"]["category"] == 75.0
@@ -315,15 +452,19 @@ def test_mmstar_rule_with_micro_and_macro(tmp_path):
 def test_seed_and_scienceqa_official_versus_llava_rules(tmp_path):
     seed = load_multiple_choice(fmt.write_seed(tmp_path / "SEED-Bench.json"))
     # question 101, answer B, answered "B.": VLMEvalKit reads the token B; LLaVA wants the text to be "B"
-    assert score_multiple_choice(seed, {"101": "B."}, "vlmevalkit")["score"] == 100.0
-    assert score_multiple_choice(seed, {"101": "B."}, "llava-seed")["score"] == 0.0
-    assert score_multiple_choice(seed, {"101": "B"}, "llava-seed")["score"] == 100.0
+    assert score_multiple_choice(seed, {"101": "B."}, "vlmevalkit", circular=False)["score"] == 100.0
+    assert score_multiple_choice(seed, {"101": "B."}, "llava-seed", circular=False)["score"] == 0.0
+    assert score_multiple_choice(seed, {"101": "B"}, "llava-seed", circular=False)["score"] == 100.0
     sqa = load_scienceqa_json(fmt.write_scienceqa(tmp_path / "problems.json"))
     # question 5, answer B: "The answer is B" is B for VLMEvalKit (last tokens); LLaVA's pattern needs a
     # character after the letter, so it is unparsed (wrong) there
-    assert score_multiple_choice(sqa, {"5": "The answer is B"}, "vlmevalkit")["score"] == 100.0
-    assert score_multiple_choice(sqa, {"5": "The answer is B"}, "llava-sqa")["score"] == 0.0
-    assert score_multiple_choice(sqa, {"5": "The answer is B."}, "llava-sqa")["score"] == 100.0
+    assert (
+        score_multiple_choice(sqa, {"5": "The answer is B"}, "vlmevalkit", circular=False)["score"] == 100.0
+    )
+    assert score_multiple_choice(sqa, {"5": "The answer is B"}, "llava-sqa", circular=False)["score"] == 0.0
+    assert (
+        score_multiple_choice(sqa, {"5": "The answer is B."}, "llava-sqa", circular=False)["score"] == 100.0
+    )
 
 
 def test_answer_lengths_follow_the_reference():

@@ -307,7 +307,9 @@ SQA = {"A": "shark", "B": "whale", "C": "trout"}
         ("The answer is C", SQA, None),  # the pattern wants a character after the letter
         ("B.", SQA, None),  # not a bare letter, shorter than 3, no pattern
         ("b", SQA, None),  # case-sensitive
-        ("D", SQA, None),  # a letter beyond the 3 options: get_pred_idx -> -1
+        ("D", SQA, "D"),  # beyond the 3 options: recorded as LLaVA's parsed_ans, wrong (get_pred_idx -1)
+        ("C", {"A": "yes", "B": "no"}, "C"),
+        ("The answer is Z.", SQA, "Z"),  # the pattern takes any capital
         ("The answer is A. The answer is B.", SQA, None),  # two matches
         ("The answer is A. No, the answer is B.", SQA, "A"),  # 'the' is not 'The': one match
         ("E", {**SQA, "D": "eel", "E": "cod"}, "E"),

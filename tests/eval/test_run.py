@@ -97,6 +97,44 @@ def test_known_answers_give_the_hand_computed_score(tmp_path):
     assert results["categories"]["category"]["attribute"] == {"score": 50.0, "n": 2}
 
 
+def test_mc_instruction_reaches_the_prompts_and_the_folder_stamp(tmp_path):
+    data = fmt.write_mmbench(tmp_path / "mmb.tsv")
+    prompts = []
+
+    def answer(batch):
+        prompts.extend(p.sample.prompt for p in batch)
+        return oracle()(batch)
+
+    out = tmp_path / "out"
+    opts = EvalOptions("mmbench_dev", str(data), str(out), mc_instruction="chinese")
+    assert run_eval(opts, generate=answer)["rules"]["mc_instruction"].startswith("chinese: always Chinese")
+    assert prompts and all(p.endswith("\n请直接回答选项字母。") for p in prompts)
+    stamp = json.loads((out / "answers_for.json").read_text())
+    assert stamp["mc_instruction"] == "chinese"
+    with pytest.raises(ValueError, match="mc_instruction: 'chinese' there, 'by-text' now"):
+        run_eval(EvalOptions("mmbench_dev", str(data), str(out), score_only=True))
+    # a folder stamped before the option existed was made with the only behaviour then: by-text
+    del stamp["mc_instruction"]
+    (out / "answers_for.json").write_text(json.dumps(stamp))
+    assert run_eval(EvalOptions("mmbench_dev", str(data), str(out), score_only=True))["score"] is not None
+
+
+def test_textvqa_answers_made_with_the_old_prompts_are_not_mixed_in(tmp_path):
+    """The official-JSON TextVQA prompts changed (capitalised, empty OCR line kept): a folder answered
+    before, whose stamp has no prompt rule, is refused rather than resumed or rescored with mixed prompts."""
+    files = fmt.write_textvqa(tmp_path / "tv")
+    out = tmp_path / "out"
+    opts = EvalOptions("textvqa_val", str(files["official"]), str(out), ocr=str(files["ocr"]))
+    assert run_eval(opts, generate=lambda batch: ["coke" for _ in batch])["counts"]["scored"] == 2
+    stamp = json.loads((out / "answers_for.json").read_text())
+    assert stamp["prompt_rule"].startswith("question.capitalize()")
+    del stamp["prompt_rule"]
+    (out / "answers_for.json").write_text(json.dumps(stamp))
+    opts.score_only = True
+    with pytest.raises(ValueError, match="other settings \\(prompt_rule: None there"):
+        run_eval(opts)
+
+
 class Interrupt:
     """Wraps a generator and stops the run (as Ctrl-C would) after `batches` batches."""
 
@@ -134,10 +172,21 @@ def test_interrupted_run_resumes_to_the_same_results(model_dir, tmp_path):
     assert json.loads((tmp_path / "resumed" / "run.json").read_text())["answered_this_run"] == 0
 
 
-def test_bad_inputs_are_listed_not_scored_and_retried(model_dir, tmp_path):
+def test_bad_inputs_are_listed_not_scored_and_retried(model_dir, tmp_path, capsys):
     data = fmt.write_short_vqa(tmp_path / "set", n=3, broken=True)
-    assert main(eval_argv(model_dir, "short_vqa", data, tmp_path / "out")) == 0
+    # two samples fail: by default (--max-failed-samples 0) the score over the other four is withheld
+    assert main(eval_argv(model_dir, "short_vqa", data, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "2 of 6 samples failed to generate, more than --max-failed-samples 0" in err and "gone:" in err
+    refused = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert refused["score"] is None and refused["categories"] == {} and "score_refused" in refused
+    assert refused["counts"]["failed"] == 2 and refused["counts"]["scored"] == 3
+    assert "| score withheld | 2 of 6 samples failed" in (tmp_path / "out" / "results.md").read_text()
+    # allowed, the same answers are scored (nothing generated again) and the failures listed
+    argv = eval_argv(model_dir, "short_vqa", data, tmp_path / "out", "--max-failed-samples", 2)
+    assert main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["score"] is not None and "score_refused" not in results
     failed = {f["id"]: f["reason"] for f in results["failed"]}
     assert set(failed) == {"gone", "corrupt"}
     assert "nowhere.png" in failed["gone"] and "no such file" in failed["gone"]
@@ -146,12 +195,34 @@ def test_bad_inputs_are_listed_not_scored_and_retried(model_dir, tmp_path):
     assert results["counts"]["scored"] == 3 and results["counts"]["failed"] == 2
     per_sample = {r["key"]: r.get("score") for r in read_lines(tmp_path / "out" / "predictions.jsonl")}
     assert per_sample["no-gt"] is None and per_sample["gone"] is None
-    # fixing the missing image: the next run answers it, and only it
+    # fixing the missing image: the next run answers it, and only it; one failure left, one allowed
     Image.new("RGB", (20, 20), (220, 20, 20)).save(tmp_path / "set" / "images" / "nowhere.png")
-    assert main(eval_argv(model_dir, "short_vqa", data, tmp_path / "out")) == 0
+    assert main([*argv[:-1], "1"]) == 0
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [f["id"] for f in again["failed"]] == ["corrupt"] and again["counts"]["scored"] == 4
     assert json.loads((tmp_path / "out" / "run.json").read_text())["answered_this_run"] == 2
+
+
+def test_generation_errors_withhold_the_score(tmp_path):
+    """A sample whose generation raises (an out-of-memory on the long samples, say) is counted and listed;
+    past --max-failed-samples no score is given, however plausible the mean over the rest would look."""
+    from mgllava.eval.runner import FailedSamples
+
+    data = fmt.write_mmbench(tmp_path / "mmb.tsv")
+
+    def long_ones_fail(batch):
+        if any(p.sample.key == "1" for p in batch):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [f"The answer is {p.sample.answers[0]}" for p in batch]
+
+    opts = EvalOptions("mmbench_dev", str(data), str(tmp_path / "out"), batch_size=3)
+    with pytest.raises(FailedSamples, match=r"1 of 8 samples failed.*CUDA out of memory"):
+        run_eval(opts, generate=long_ones_fail)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["score"] is None and "vanilla_accuracy" not in results
+    assert [f["id"] for f in results["failed"]] == ["1"]
+    opts.max_failed_samples, opts.score_only = 1, True
+    assert run_eval(opts)["score"] == 100.0  # questions 0 and 2; question 1 lacks a rotation: not scored
 
 
 def test_eval_answers_equal_the_engines_one_by_one(model_dir, tmp_path):
@@ -245,6 +316,41 @@ def test_mmbench_test_writes_the_submission_file(model_dir, tmp_path):
     written = {str(r[0]): r[6] or "" for r in rows[1:]}
     assert {k: written[k] for k in predictions} == predictions
     assert written["4"] == "" and written["5"] == ""  # rows whose image is broken: listed, left empty
+    # as pandas writes LLaVA's file: sheet "Sheet1", index a number, digit-only options text ("007" stays)
+    book = load_workbook(tmp_path / "out" / "submission.xlsx")
+    assert book.sheetnames == ["Sheet1"]
+    by_index = {r[0]: r for r in rows[1:]}
+    assert all(isinstance(i, int) for i in by_index)
+    assert by_index[2][1:6] == ("How many?", "1", "2", None, None)  # option C "None" is pandas' NA
+    from mgllava.eval.multiple_choice import load_tsv, write_mmbench_submission
+
+    loaded = load_tsv(data)
+    loaded.table[0]["A"] = "007"
+    write_mmbench_submission(loaded, {"0": "12"}, tmp_path / "zeros.xlsx")
+    first = list(load_workbook(tmp_path / "zeros.xlsx").active.values)[1]
+    assert first[0] == 0 and first[2] == "007" and first[6] == "12"
+
+
+def test_seed_bench_json_with_a_repeated_id_scores_both_and_writes_llavas_upload(tmp_path):
+    """The released SEED-Bench.json repeats question_id "49914": both questions are answered and scored
+    (plain accuracy, no CircularEval, no vanilla figure), and the upload holds one line per question in the
+    file's order, byte for byte as LLaVA's convert_seed_for_submission writes it."""
+    data = fmt.write_seed_repeated_id(tmp_path / "SEED-Bench.json")
+    answers = {"49913": "A", "49914": "B", "49914#2": "C", "49915": "C"}  # 49914#2 (answer D): wrong
+    opts = EvalOptions("seed_image", str(data), str(tmp_path / "out"), scoring="llava")
+    results = run_eval(opts, generate=lambda batch: [answers[p.sample.key] for p in batch])
+    assert results["metric"] == "accuracy" and results["score"] == 75.0 and results["counts"]["scored"] == 4
+    assert "vanilla_accuracy" not in results and results["submission"] == "seed_upload.jsonl"
+    assert results["info"]["renamed_duplicates"] == {"49914": ["49914", "49914#2"]}
+    assert "| repeated id `49914` | its questions were answered and scored as 49914, 49914#2 |" in (
+        (tmp_path / "out" / "results.md").read_text()
+    )
+    assert (tmp_path / "out" / "seed_upload.jsonl").read_text() == (
+        '{"question_id": "49913", "prediction": "A"}\n'
+        '{"question_id": "49914", "prediction": "B"}\n'
+        '{"question_id": "49914", "prediction": "C"}\n'
+        '{"question_id": "49915", "prediction": "C"}\n'
+    )
 
 
 def test_vqav2_val_score_and_testdev_upload(model_dir, tmp_path):
@@ -461,6 +567,8 @@ def test_video_qa_with_rule_and_gpt_judges(model_dir, tmp_path, judge_server, mo
         judge_server,
         "--judge-workers",
         2,
+        "--max-failed-samples",  # v2's clip does not exist
+        1,
     )
     monkeypatch.delenv("MGLLAVA_JUDGE_API_KEY", raising=False)
     assert main(argv) == 2
@@ -541,7 +649,8 @@ def test_cli_errors_name_the_input(model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_process_torchrun_equals_one_process(model_dir, tmp_path):
     data = fmt.write_short_vqa(tmp_path / "set", n=7, broken=True)
-    argv = eval_argv(model_dir, "short_vqa", data, tmp_path / "one", "--batch-size", 2)
+    extra = ("--batch-size", 2, "--max-failed-samples", 2)  # the two broken images
+    argv = eval_argv(model_dir, "short_vqa", data, tmp_path / "one", *extra)
     assert main(argv) == 0
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -551,7 +660,7 @@ def test_two_process_torchrun_equals_one_process(model_dir, tmp_path):
         "2",
         "-m",
         "mgllava.cli",
-        *eval_argv(model_dir, "short_vqa", data, tmp_path / "two", "--batch-size", 2),
+        *eval_argv(model_dir, "short_vqa", data, tmp_path / "two", *extra),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -3,7 +3,7 @@
 | name | family | files | score |
 |---|---|---|---|
 | mmbench_dev, mmbench_test | multiple choice | VLMEvalKit TSV | CircularEval accuracy (+ vanilla) / submission xlsx |
-| seed_image | multiple choice | TSV or SEED-Bench.json | accuracy per question type |
+| seed_image | multiple choice | TSV or SEED-Bench.json | accuracy per question type (+ upload jsonl from the JSON) |
 | mmstar, ai2d | multiple choice | TSV | accuracy (micro, and macro over categories) |
 | scienceqa_img | multiple choice | TSV or problems.json | accuracy per subject |
 | textvqa_val | short answer | TextVQA JSON (+OCR) or LLaVA jsonl + annotations | TextVQA accuracy |
@@ -21,6 +21,8 @@ cap for VQAv2, 20 per label per frame for video). `EvalOptions.box_settings` ove
 Every benchmark is scored by the `--scoring` pipeline (default "official"; `scoring.SCORING`, docs/scoring.md).
 A multiple-choice benchmark names, per pipeline, the letter rule it uses (`Benchmark.choice_rules`);
 `--choice-rule` overrides it (e.g. "reference", the MG-LLaVA reference's own rule).
+The metric is the benchmark's, never inferred from how a file's ids group: CircularEval for MMBench only
+(`Benchmark.circular`), plain accuracy for the other multiple-choice benchmarks.
 
 Answer length: 100 new tokens, the reference model's `evaluate_max_tokens` default, for images and video
 alike; the reference's 13B config sets 50 (pass `--max-new-tokens 50` to reproduce its runs).
@@ -37,11 +39,15 @@ from ..boxes.select import BoxOptions
 from .judge import GptJudge
 from .metrics import CHOICE_RULES
 from .multiple_choice import (
+    DEFAULT_MC_INSTRUCTION,
+    MC_INSTRUCTIONS,
+    SEED_FORMAT,
     load_multiple_choice,
     load_scienceqa_json,
     load_tsv,
     score_multiple_choice,
     write_mmbench_submission,
+    write_seed_upload,
 )
 from .samples import Loaded, Sample
 from .scoring import DEFAULT_SCORING, check_scoring
@@ -77,6 +83,8 @@ class EvalOptions:
     scoring: str = DEFAULT_SCORING
     choice_rule: str | None = None  # None: the benchmark's rule under `scoring`
     prompt: str = "ocr"
+    mc_instruction: str = DEFAULT_MC_INSTRUCTION  # multiple choice: MC_INSTRUCTIONS
+    max_failed_samples: int = 0  # samples whose generation may fail before the score is refused
     metric: str | None = None
     split: str = "test"
     submission_questions: str | None = None
@@ -130,12 +138,18 @@ class Benchmark:
     box_key: str = "the sample id"  # what box files for this benchmark are keyed by (the reference's key)
     box_settings: dict[str, Any] = field(default_factory=lambda: dict(REFERENCE_BOXES))
     choice_rules: dict[str, str] | None = None  # multiple choice: scoring pipeline -> letter rule
+    # multiple choice: CircularEval over rotated rows (MMBench); else one row is one question
+    circular: bool = False
 
     def check(self, opts: EvalOptions) -> None:
         """Refuse, before anything is generated, scoring settings this benchmark cannot score with."""
         check_scoring(opts.scoring)
         if self.family == "multiple_choice":
             self.choice_rule(opts)
+            if opts.mc_instruction not in MC_INSTRUCTIONS:
+                raise ValueError(
+                    f"unknown --mc-instruction {opts.mc_instruction!r}; available: {', '.join(MC_INSTRUCTIONS)}"
+                )
         elif opts.choice_rule is not None:
             raise ValueError(f"--choice-rule applies to multiple-choice benchmarks, not {self.name}")
 
@@ -170,13 +184,19 @@ def _mc_group(sample: Sample) -> str:
 
 
 def _score_mc(loaded: Loaded, predictions: dict[str, str], opts: EvalOptions, out: Path) -> dict[str, Any]:
-    rule, chosen_by = get_benchmark(opts.benchmark).choice_rule(opts)
-    result = score_multiple_choice(loaded, predictions, rule)
+    bench = get_benchmark(opts.benchmark)
+    rule, chosen_by = bench.choice_rule(opts)
+    result = score_multiple_choice(loaded, predictions, rule, circular=bench.circular)
     result["rules"]["scoring"] = opts.scoring
     result["rules"]["choice_extraction"] = f"{rule} (by {chosen_by})"
+    result["rules"]["mc_instruction"] = f"{opts.mc_instruction}: {MC_INSTRUCTIONS[opts.mc_instruction]}"
     if loaded.table is not None and not loaded.info.get("has_answers", True):
         path = write_mmbench_submission(loaded, predictions, out / "submission.xlsx")
         result["submission"] = path.name
+    if loaded.info.get("format") == SEED_FORMAT:
+        path, empty = write_seed_upload(loaded, predictions, out / "seed_upload.jsonl")
+        result["submission"] = path.name
+        result["submission_empty_answers"] = empty
     return result
 
 
@@ -221,13 +241,31 @@ def _load_vqav2_val(opts: EvalOptions) -> Loaded:
     return load_vqav2(opts.data, opts.images, opts.annotations)
 
 
-def _mc(name: str, title: str, load: Callable[[EvalOptions], Loaded], tsv: str, **rules: str) -> Benchmark:
+def _mc(
+    name: str,
+    title: str,
+    load: Callable[[EvalOptions], Loaded],
+    tsv: str,
+    circular: bool = False,
+    **rules: str,
+) -> Benchmark:
     """A multiple-choice benchmark; `tsv`: the VLMEvalKit file whose `index` keys the reference's box file;
-    `rules`: pipeline -> letter rule (official: VLMEvalKit's can_infer unless given)."""
+    `circular`: scored by CircularEval (MMBench); `rules`: pipeline -> letter rule (official: VLMEvalKit's
+    can_infer unless given)."""
     choice_rules = {"official": "vlmevalkit", **rules}
     key = TSV_INDEX.format(tsv=tsv)
+    group = _mc_group if circular else None  # --limit keeps a question's rotations together
     return Benchmark(
-        name, title, "multiple_choice", load, _score_mc, 100, _mc_group, key, choice_rules=choice_rules
+        name,
+        title,
+        "multiple_choice",
+        load,
+        _score_mc,
+        100,
+        group,
+        key,
+        choice_rules=choice_rules,
+        circular=circular,
     )
 
 
@@ -238,25 +276,33 @@ BENCHMARKS: dict[str, Benchmark] = {
         _mc(
             "mmbench_dev",
             "MMBench dev",
-            lambda o: load_tsv(o.data, o.images),
+            lambda o: load_tsv(o.data, o.images, o.mc_instruction),
             "MMBench_DEV_EN.tsv",
+            circular=True,
             llava="vlmevalkit",
         ),
         _mc(
             "mmbench_test",
             "MMBench test",
-            lambda o: load_tsv(o.data, o.images),
+            lambda o: load_tsv(o.data, o.images, o.mc_instruction),
             "MMBench_TEST_EN.tsv",
+            circular=True,
             llava="vlmevalkit",
         ),
         _mc(
             "seed_image",
             "SEED-Bench (image)",
-            lambda o: load_multiple_choice(o.data, o.images),
+            lambda o: load_multiple_choice(o.data, o.images, o.mc_instruction),
             "SEEDBench_IMG.tsv",
             llava="llava-seed",
         ),
-        _mc("mmstar", "MMStar", lambda o: load_tsv(o.data, o.images), "MMStar.tsv", official="mmstar"),
+        _mc(
+            "mmstar",
+            "MMStar",
+            lambda o: load_tsv(o.data, o.images, o.mc_instruction),
+            "MMStar.tsv",
+            official="mmstar",
+        ),
         _mc(
             "scienceqa_img",
             "ScienceQA-IMG",
@@ -264,7 +310,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "ScienceQA_TEST.tsv",
             llava="llava-sqa",
         ),
-        _mc("ai2d", "AI2D", lambda o: load_tsv(o.data, o.images), "AI2D_TEST.tsv"),
+        _mc("ai2d", "AI2D", lambda o: load_tsv(o.data, o.images, o.mc_instruction), "AI2D_TEST.tsv"),
         Benchmark(
             "textvqa_val",
             "TextVQA val",
@@ -333,8 +379,8 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 def _load_scienceqa(opts: EvalOptions) -> Loaded:
     if Path(opts.data).suffix.lower() == ".tsv":
-        return load_tsv(opts.data, opts.images)
-    return load_scienceqa_json(opts.data, opts.images, opts.split)
+        return load_tsv(opts.data, opts.images, opts.mc_instruction)
+    return load_scienceqa_json(opts.data, opts.images, opts.split, opts.mc_instruction)
 
 
 def box_settings(bench: Benchmark, opts: EvalOptions) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 from ..utils.dtypes import DTYPES
 from .benchmarks import BENCHMARKS, EvalOptions
 from .metrics import CHOICE_RULES
+from .multiple_choice import DEFAULT_MC_INSTRUCTION, MC_INSTRUCTIONS
 from .scoring import DEFAULT_SCORING, SCORING
 from .short_answer import SHORT_METRICS
 
@@ -136,12 +137,26 @@ def register(sub: Any) -> None:
     )
     _add_box_flags(ev)
     ev.add_argument(
+        "--max-failed-samples",
+        type=int,
+        default=0,
+        help="samples whose generation may fail (unreadable image, prompt too long, out of memory) before "
+        "the score is withheld and the command exits non-zero (default 0); failures are always listed",
+    )
+    ev.add_argument(
         "--annotations",
         help="ground truth in its own file: VQAv2 annotations, TextVQA JSON "
         "for a LLaVA question file, Video-ChatGPT test_a.json",
     )
     ev.add_argument("--ocr", help="TextVQA Rosetta OCR JSON for the OCR-token prompt")
     ev.add_argument("--prompt", default="ocr", choices=["ocr", "plain"], help="TextVQA prompt variant")
+    ev.add_argument(
+        "--mc-instruction",
+        default=DEFAULT_MC_INSTRUCTION,
+        choices=list(MC_INSTRUCTIONS),
+        help="multiple choice: the closing instruction. by-text (default, the MG-LLaVA reference): Chinese "
+        "when the prompt holds a CJK character; english / chinese: always that one, as LLaVA's --lang en / cn",
+    )
     ev.add_argument(
         "--scoring",
         default=DEFAULT_SCORING,
@@ -163,7 +178,11 @@ def register(sub: Any) -> None:
         help="short_vqa metric (default: exact; vqa follows --scoring)",
     )
     ev.add_argument("--split", default="test", help="ScienceQA problems.json split")
-    ev.add_argument("--submission-questions", help="VQAv2 test-dev: all test2015 questions for the upload")
+    ev.add_argument(
+        "--submission-questions",
+        help="VQAv2 test-dev: all test2015 questions for the upload, the official JSON or LLaVA's "
+        "llava_vqav2_mscoco_test2015.jsonl (the upload then follows that file's order)",
+    )
     ev.add_argument("--limit", type=int, help="first N questions only")
     ev.add_argument("--out", help="output folder (default runs/eval/<benchmark>)")
     ev.add_argument("--batch-size", type=int, default=1)

@@ -305,18 +305,17 @@ _LLAVA_SQA_PATTERN = re.compile(r"The answer is ([A-Z]).")
 
 
 def choice_llava_sqa(prediction: str, options: Mapping[str, str]) -> str | None:
-    """LLaVA's ScienceQA parse: the whole answer is a letter A-E; or "X. ..." ; or exactly one match of
-    `The answer is ([A-Z]).` (any character after the letter, so a bare trailing letter is missed). A letter
-    beyond the question's options is wrong (`get_pred_idx` -> -1)."""
+    """LLaVA's ScienceQA parse (its `parsed_ans`): the whole answer is a letter A-E; or "X. ..." with X in
+    A-E; or exactly one match of `The answer is ([A-Z]).` (any character after the letter, so a bare trailing
+    letter is missed). A parsed letter beyond the question's options is returned as parsed, as LLaVA records
+    it; it is wrong (`get_pred_idx` -> -1) because it never equals the answer."""
     letters = list(_LLAVA_SQA_LETTERS)
     if prediction in letters:
-        letter = prediction
-    elif len(prediction) >= 3 and prediction[0] in letters and prediction[1:3] == ". ":
-        letter = prediction[0]
-    else:
-        found = _LLAVA_SQA_PATTERN.findall(prediction)
-        letter = found[0] if len(found) == 1 else None
-    return letter if letter is not None and letter in letters[: len(options)] else None
+        return prediction
+    if len(prediction) >= 3 and prediction[0] in letters and prediction[1:3] == ". ":
+        return prediction[0]
+    found = _LLAVA_SQA_PATTERN.findall(prediction)
+    return found[0] if len(found) == 1 else None
 
 
 def choice_llava_seed(prediction: str, options: Mapping[str, str]) -> str | None:

@@ -7,7 +7,8 @@ Formats read:
   `index = base + k * 1_000_000` and may store, instead of an image, the index of the row that holds it
   (a field shorter than 16 characters), as the reference's `get_image` resolves it.
 - SEED-Bench's own `SEED-Bench.json` (`questions[]` with `choice_a..d`, `data_type`, `question_type_id`;
-  image questions only; images under `--images` by `data_id`).
+  image questions only; images under `--images` by `data_id`). The released file repeats `question_id`
+  "49914" for two image questions; both are answered and scored (the second keyed "49914#2").
 - ScienceQA's own `problems.json` (`{pid: {question, choices, answer, hint, image, split, subject}}`;
   questions with an image in the chosen split; images at `<--images>/<pid>/<image>`).
 
@@ -17,7 +18,12 @@ under their image path.
 
 Prompt (docs/design.md section 9, the reference's `MGLLaVAProxyEvalDataset`):
 `<image>\\n[hint\\n]question\\nA. ...\\nB. ...\\nAnswer with the option's letter from the given choices directly.`
-(the Chinese instruction `请直接回答选项字母。` when the text holds a CJK character, as the reference does).
+The closing instruction (`--mc-instruction`, MC_INSTRUCTIONS): by default the Chinese `请直接回答选项字母。`
+when the text holds a CJK character, as the MG-LLaVA reference does (`is_cn_string` over the whole text), so an
+English MMBench row that quotes kanji gets the Chinese one; LLaVA chooses by file (`--lang en`/`cn` of
+`model_vqa_mmbench.py`), which `english`/`chinese` reproduce. We default to the reference's because the
+numbers this project checks itself against are MG-LLaVA's. The layout is LLaVA's too (its SEED and MMBench
+question files are byte-equal to these prompts).
 
 Quirk kept from the reference, which reads TSVs with pandas: a field equal to one of pandas' default NA
 strings ("", "NA", "N/A", "None", "null", "nan", ...) counts as missing, so such an option or hint is left
@@ -25,19 +31,23 @@ out of the prompt; every row where this dropped a non-empty text is listed under
 Deviation: pandas turns an all-number column with gaps into floats ("2" -> "2.0"); we keep fields as written.
 
 Scoring: the letter of each answer is read by a choice rule (`metrics.CHOICE_RULES`; the benchmark's rule
-under the `--scoring` pipeline, or `--choice-rule`). Every benchmark goes through CircularEval by
-`index % 1_000_000` as VLMEvalKit does (files without rotated copies reduce to plain accuracy, and the metric
-is then named "accuracy"); a question counts when every rotation's letter equals that row's answer. With
-rotations, the vanilla accuracy of the original rows (VLMEvalKit's "vanilla_0") is reported beside it.
+under the `--scoring` pipeline, or `--choice-rule`). The metric is the benchmark's, never inferred from the
+file: MMBench is scored by CircularEval (rows grouped by `index % 1_000_000` as VLMEvalKit does; a question
+counts when every rotation's letter equals that row's answer; the vanilla accuracy of the original rows,
+VLMEvalKit's "vanilla_0", beside it), every other benchmark by plain accuracy, one row one question.
 The headline is the mean over questions (micro); the mean of the per-category accuracies (macro, MMStar's
 six core capabilities weigh the same) is reported for every category column. Per-category tables use
 `category` and `l2-category` / `l2_category`, per split. A TSV without answers (MMBench test) is written out
-as the xlsx the MMBench server takes (LLaVA's `convert_mmbench_for_submission` layout).
+as the xlsx the MMBench server takes (LLaVA's `convert_mmbench_for_submission` layout: pandas' sheet name
+"Sheet1", `index` a number, every other cell text); SEED-Bench.json answers are also written as the jsonl
+LLaVA's `convert_seed_for_submission` uploads (`{"question_id", "prediction"}` a line, in the file's order).
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import re
 import string
 from collections.abc import Iterator
@@ -46,9 +56,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data.templates import IMAGE_TOKEN
+from ..utils.io import atomic_write_text
 from .metrics import CHOICE_RULES, CIRCULAR_BASE, circular_correct, circular_key, extract_choice
 from .samples import Issue, Loaded, Sample, decode_base64, media_path, read_json, tag_in_text
 from .scoring import by_category, macro_percent, mean_percent
+
+logger = logging.getLogger(__name__)
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 MC_SUFFIX_CN = "请直接回答选项字母。"
@@ -61,13 +74,27 @@ _CJK = re.compile("[\u4e00-\u9fff]")
 _LETTERS = string.ascii_uppercase
 
 
-def mc_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
-    """The reference's multiple-choice prompt (with the image tag in front)."""
+# --mc-instruction: which closing instruction a prompt gets (see the module docstring)
+MC_INSTRUCTIONS = {
+    "by-text": "Chinese when the prompt holds a CJK character, else English (the MG-LLaVA reference)",
+    "english": "always English (LLaVA's --lang en, its setting for the English files)",
+    "chinese": "always Chinese (LLaVA's --lang cn, its setting for MMBench_*_CN)",
+}
+DEFAULT_MC_INSTRUCTION = "by-text"
+
+
+def mc_prompt(
+    question: str, options: dict[str, str], hint: str | None = None, instruction: str = DEFAULT_MC_INSTRUCTION
+) -> str:
+    """The reference's multiple-choice prompt (with the image tag in front); `instruction`: MC_INSTRUCTIONS."""
+    if instruction not in MC_INSTRUCTIONS:
+        raise ValueError(f"unknown --mc-instruction {instruction!r}; available: {', '.join(MC_INSTRUCTIONS)}")
     text = question + "\n" + "".join(f"{letter}. {option}\n" for letter, option in options.items())
     if hint is not None:
         text = hint + "\n" + text
     text = IMAGE_TOKEN + "\n" + text
-    return text + (MC_SUFFIX_CN if _CJK.search(text) else MC_SUFFIX)
+    chinese = instruction == "chinese" or (instruction == "by-text" and _CJK.search(text) is not None)
+    return text + (MC_SUFFIX_CN if chinese else MC_SUFFIX)
 
 
 # -- VLMEvalKit TSV -----------------------------------------------------------------------------------------
@@ -132,9 +159,10 @@ def _dropped_as_na(row: dict[str, str], header: list[str]) -> list[str]:
 class _TsvBuilder:
     """Turns TSV rows into samples, collecting issues; images are resolved after all rows are read."""
 
-    def __init__(self, header: list[str], images_dir: str | None) -> None:
+    def __init__(self, header: list[str], images_dir: str | None, instruction: str) -> None:
         self.header = header
         self.images_dir = images_dir
+        self.instruction = instruction
         self.has_answer = "answer" in header
         self.samples: list[Sample] = []
         self.issues: list[Issue] = []
@@ -196,7 +224,7 @@ class _TsvBuilder:
             image = media_path(self.images_dir, row["image_path"])
         return Sample(
             key=str(index),
-            prompt=mc_prompt(row["question"], options, _field(row, "hint")),
+            prompt=mc_prompt(row["question"], options, _field(row, "hint"), self.instruction),
             image=image,
             box_id=str(index),  # the reference's box files have one record per TSV row, keyed by `index`
             answers=[meta["answer"]] if meta["answer"] is not None else None,
@@ -237,12 +265,14 @@ class _TsvBuilder:
         return decoded[index]
 
 
-def load_tsv(path: str | Path, images_dir: str | None = None) -> Loaded:
+def load_tsv(
+    path: str | Path, images_dir: str | None = None, instruction: str = DEFAULT_MC_INSTRUCTION
+) -> Loaded:
     """A VLMEvalKit multiple-choice TSV (see the module docstring)."""
     header, rows = read_tsv(path)
     if "question" not in header or "index" not in header:
         raise ValueError(f"benchmark file {path}: needs 'index' and 'question' columns, has {header}")
-    builder = _TsvBuilder(header, images_dir)
+    builder = _TsvBuilder(header, images_dir, instruction)
     for line, row in rows:
         if isinstance(row, str):
             builder.issues.append(Issue(f"line {line}", row))
@@ -261,13 +291,21 @@ def load_tsv(path: str | Path, images_dir: str | None = None) -> Loaded:
 
 
 # -- SEED-Bench and ScienceQA native files ------------------------------------------------------------------
-def load_seed_json(path: str | Path, images_dir: str | None = None) -> Loaded:
-    """SEED-Bench.json, image questions (`data_type == "image"`)."""
+SEED_FORMAT = "SEED-Bench.json"
+
+
+def load_seed_json(
+    path: str | Path, images_dir: str | None = None, instruction: str = DEFAULT_MC_INSTRUCTION
+) -> Loaded:
+    """SEED-Bench.json, image questions (`data_type == "image"`). The released file repeats a question id
+    ("49914" twice, two image questions): each copy is its own question, the second keyed "49914#2", and
+    `info["renamed_duplicates"]` names them; the upload file writes both under the id the file gives them."""
     data = read_json(path, "SEED-Bench file")
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
         raise ValueError(f"SEED-Bench file {path}: expected an object with a 'questions' list")
     type_names = {int(v): k for k, v in (data.get("question_type") or {}).items()}
     samples, issues, skipped = [], [], 0
+    copies: dict[str, list[str]] = {}
     for n, q in enumerate(data["questions"]):
         if not isinstance(q, dict):
             issues.append(Issue(f"question {n}", "not an object"))
@@ -275,7 +313,10 @@ def load_seed_json(path: str | Path, images_dir: str | None = None) -> Loaded:
         if q.get("data_type", "image") != "image":
             skipped += 1
             continue
-        key = str(q.get("question_id", f"#{n}"))
+        qid = str(q.get("question_id", f"#{n}"))
+        keys = copies.setdefault(qid, [])
+        key = qid if not keys else f"{qid}#{len(keys) + 1}"
+        keys.append(key)
         options = {L: q.get(f"choice_{L.lower()}") for L in "ABCD"}
         problem = _native_problem(q.get("question"), options, q.get("answer"), q.get("data_id"))
         if problem:
@@ -283,21 +324,31 @@ def load_seed_json(path: str | Path, images_dir: str | None = None) -> Loaded:
             continue
         type_id = str(q.get("question_type_id"))
         category = type_names.get(int(type_id)) if type_id.isdigit() else None
-        category = category or type_id
         samples.append(
             Sample(
                 key=key,
-                prompt=mc_prompt(q["question"], options),
+                prompt=mc_prompt(q["question"], options, None, instruction),
                 image=media_path(images_dir, q["data_id"]),
                 box_id=q["data_id"],  # not the reference's key (the TSV `index`, which this file lacks)
                 answers=[q["answer"]],
-                meta={"group": key, "options": options, "answer": q["answer"], "category": category},
+                meta={
+                    "group": key,
+                    "question_id": q.get("question_id"),
+                    "options": options,
+                    "answer": q["answer"],
+                    "category": category or type_id,
+                },
             )
         )
+    renamed = {qid: keys for qid, keys in copies.items() if len(keys) > 1}
+    for qid, keys in renamed.items():
+        logger.warning("%s: question_id %r names %d questions; answered and scored as %s",
+                       path, qid, len(keys), ", ".join(keys))  # fmt: skip
     info = {
-        "format": "SEED-Bench.json",
+        "format": SEED_FORMAT,
         "box_ids": "the image's `data_id` (SEED-Bench.json has no TSV `index`)",
         "video_questions_skipped": skipped,
+        "renamed_duplicates": renamed,
     }
     return Loaded(samples, issues, info)
 
@@ -314,9 +365,14 @@ def _native_problem(question: Any, options: dict[str, Any], answer: Any, image: 
     return tag_in_text(question, *options.values())
 
 
-def load_scienceqa_json(path: str | Path, images_dir: str | None = None, split: str = "test") -> Loaded:
+def load_scienceqa_json(
+    path: str | Path,
+    images_dir: str | None = None,
+    split: str = "test",
+    instruction: str = DEFAULT_MC_INSTRUCTION,
+) -> Loaded:
     """ScienceQA problems.json: the questions of `split` that have an image (ScienceQA-IMG)."""
-    data = read_json(path, "ScienceQA file")
+    data = read_json(path, "ScienceQA file", unique_keys=True)  # keyed by problem id
     if not isinstance(data, dict):
         raise ValueError(f"ScienceQA file {path}: expected an object of problems keyed by id")
     samples, issues = [], []
@@ -341,7 +397,7 @@ def load_scienceqa_json(path: str | Path, images_dir: str | None = None, split: 
         samples.append(
             Sample(
                 key=str(pid),
-                prompt=mc_prompt(p["question"], options, hint),
+                prompt=mc_prompt(p["question"], options, hint, instruction),
                 image=media_path(images_dir, f"{pid}/{p['image']}"),
                 box_id=f"{pid}/{p['image']}",  # not the reference's key (the TSV `index`, not in this file)
                 answers=[letter],
@@ -356,27 +412,32 @@ def load_scienceqa_json(path: str | Path, images_dir: str | None = None, split: 
     return Loaded(samples, issues, info)
 
 
-def load_multiple_choice(path: str | Path, images_dir: str | None = None) -> Loaded:
+def load_multiple_choice(
+    path: str | Path, images_dir: str | None = None, instruction: str = DEFAULT_MC_INSTRUCTION
+) -> Loaded:
     """By file type: `.tsv` VLMEvalKit, else SEED-Bench.json or ScienceQA problems.json by content."""
     if Path(path).suffix.lower() == ".tsv":
-        return load_tsv(path, images_dir)
+        return load_tsv(path, images_dir, instruction)
     data = read_json(path, "benchmark file")
     if isinstance(data, dict) and "questions" in data:
-        return load_seed_json(path, images_dir)
-    return load_scienceqa_json(path, images_dir)
+        return load_seed_json(path, images_dir, instruction)
+    return load_scienceqa_json(path, images_dir, instruction=instruction)
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
 def score_multiple_choice(
-    loaded: Loaded, predictions: dict[str, str], rule: str = "reference"
+    loaded: Loaded, predictions: dict[str, str], rule: str = "reference", *, circular: bool
 ) -> dict[str, Any]:
-    """CircularEval over the predicted rows (see the module docstring). `predictions`: key -> answer text."""
+    """Accuracy over the predicted questions. `predictions`: key -> answer text. `circular` comes from the
+    benchmark (MMBench), never from the file: with it, rows are grouped by `meta["group"]` (index % 1000000)
+    and a question counts only if every rotation is right (CircularEval); without it every row is a question
+    of its own, whatever its index."""
     if rule not in CHOICE_RULES:
         raise ValueError(f"unknown choice rule {rule!r}; available: {', '.join(CHOICE_RULES)}")
     groups: dict[str, list[Sample]] = {}
     for sample in loaded.samples:
-        groups.setdefault(sample.meta["group"], []).append(sample)
-    broken = {issue.group for issue in loaded.issues if issue.group is not None}
+        groups.setdefault(sample.meta["group"] if circular else sample.key, []).append(sample)
+    broken = {issue.group for issue in loaded.issues if issue.group is not None} if circular else set()
     rows = {
         s.key: extract_choice(predictions[s.key], s.meta["options"], rule)
         for s in loaded.samples
@@ -390,10 +451,9 @@ def score_multiple_choice(
             no_gt.append(group)
         else:
             hits[group] = circular_correct(rows[s.key] == s.meta["answer"] for s in members)
-    rotated = any(len(m) > 1 for m in groups.values())
     mains = {g: _main_row(groups[g]) for g in hits}
     result: dict[str, Any] = {
-        "metric": "circular_accuracy" if rotated else "accuracy",
+        "metric": "circular_accuracy" if circular else "accuracy",
         "score": mean_percent([float(v) for v in hits.values()]),
         "scored": len(hits),
         "rules": {"choice_extraction": rule, "choice_extraction_rule": CHOICE_RULES[rule].description},
@@ -401,13 +461,14 @@ def score_multiple_choice(
         "macro_accuracy": _macro(mains, hits),
         "no_ground_truth": sorted(no_gt, key=_numeric_first),
         "incomplete_questions": sorted(set(incomplete) | broken, key=_numeric_first),
-        # None, VLMEvalKit's "Z" (refusal / none of the options) or the reference's runs like "ABC"
+        # None, VLMEvalKit's "Z" (refusal / none of the options), the reference's runs like "ABC", or a
+        # letter beyond this question's options (LLaVA's ScienceQA rule records it; it is wrong)
         "unparsed_predictions": sum(
             1 for s in loaded.samples if s.key in rows and rows[s.key] not in s.meta["options"]
         ),
         "extracted": rows,
     }
-    if rotated:
+    if circular:
         result["rules"]["circular"] = "rows grouped by index % 1000000; right only if every rotation is right"
         result["vanilla_accuracy"] = _vanilla(loaded.samples, rows)
     return result
@@ -461,8 +522,10 @@ SUBMISSION_DROP = ("hint", "category", "source", "image", "comment", "l2-categor
 
 def write_mmbench_submission(loaded: Loaded, predictions: dict[str, str], path: str | Path) -> Path:
     """The xlsx the MMBench evaluation server takes: the TSV's columns without hint, category, source,
-    image, comment and l2-category, with `prediction` inserted as the 7th column (LLaVA's layout).
-    Control characters, which xlsx cannot store, are dropped from the cells."""
+    image, comment and l2-category, with `prediction` inserted as the 7th column, on a sheet named "Sheet1"
+    (LLaVA's `convert_mmbench_for_submission`, pandas `to_excel`). `index` is written as a number, every other
+    cell as text ("007" stays "007"); pandas' NA strings and missing predictions as empty cells. Control
+    characters, which xlsx cannot store, are dropped from the cells."""
     try:
         from openpyxl import Workbook
         from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
@@ -476,10 +539,15 @@ def write_mmbench_submission(loaded: Loaded, predictions: dict[str, str], path: 
     columns.insert(min(6, len(columns)), "prediction")
     book = Workbook()
     sheet = book.active
+    sheet.title = "Sheet1"
     sheet.append(columns)
     for row in loaded.table:
-        values = {**row, "prediction": predictions.get(str(row.get("index")), "")}
-        sheet.append([_cell(values.get(c), ILLEGAL_CHARACTERS_RE) for c in columns])
+        values = {**row, "prediction": predictions.get(str(row.get("index")))}
+        cells = [_cell(c, values.get(c), ILLEGAL_CHARACTERS_RE) for c in columns]
+        sheet.append(cells)
+        for cell in sheet[sheet.max_row]:
+            if isinstance(cell.value, str):
+                cell.data_type = "s"  # text, even when it looks like a number or a formula
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -488,8 +556,28 @@ def write_mmbench_submission(loaded: Loaded, predictions: dict[str, str], path: 
     return path
 
 
-def _cell(value: Any, illegal: re.Pattern[str]) -> Any:
-    """Integers as numbers; control characters (which xlsx cannot hold) removed from text."""
-    if isinstance(value, str) and value.lstrip("-").isdigit() and len(value) < 16:
+def _cell(column: str, value: Any, illegal: re.Pattern[str]) -> Any:
+    """`index` as a number; pandas' NA strings as empty; other text as text without control characters."""
+    if value is None or (column != "prediction" and value in PANDAS_NA):
+        return None
+    if column == "index":
         return int(value)
-    return illegal.sub("", value) if isinstance(value, str) else value
+    return illegal.sub("", str(value))
+
+
+# -- SEED-Bench upload --------------------------------------------------------------------------------------
+def write_seed_upload(
+    loaded: Loaded, predictions: dict[str, str], path: str | Path
+) -> tuple[Path, list[str]]:
+    """The SEED-Bench leaderboard file LLaVA's `convert_seed_for_submission` writes: one
+    `{"question_id", "prediction"}` a line, the question id as SEED-Bench.json gives it (a repeated id on each
+    of its questions, each with its own answer), the answer text as generated, in the file's order. Questions
+    without an answer get "" and are returned."""
+    lines, empty = [], []
+    for sample in loaded.samples:
+        text = predictions.get(sample.key)
+        if text is None:
+            empty.append(sample.key)
+        record = {"question_id": sample.meta["question_id"], "prediction": text or ""}
+        lines.append(json.dumps(record) + "\n")  # json.dumps' defaults, as LLaVA writes it
+    return atomic_write_text(path, "".join(lines)), empty

@@ -5,6 +5,8 @@ which rules, the score and per-category scores, and accounts for
 every sample: answered and scored, invalid in the input (with the reason), failed (image or video unreadable,
 prompt too long; with the reason), not answered yet (`missing`), or without ground truth. Its numbers are
 percentages rounded to 4 decimals; it holds no timings, so identical answers give an identical file.
+When more samples failed than `--max-failed-samples` allows, `score` is null and `score_refused` says why
+(runner.py); a benchmark file that repeats an id names the renamed copies (`info.renamed_duplicates`).
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"| score | **{_score(results['score'])}** ({results['metric']}, {counts['scored']} scored) |",
         f"| scoring pipeline | `{results['scoring']['pipeline']}`: {results['scoring']['description']} |",
     ]
+    if results.get("score_refused"):
+        lines.append(f"| score withheld | {results['score_refused'].replace('|', '/')} |")
+    for qid, keys in results["info"].get("renamed_duplicates", {}).items():
+        lines.append(f"| repeated id `{qid}` | its questions were answered and scored as {', '.join(keys)} |")
     if results.get("vanilla_accuracy"):
         v = results["vanilla_accuracy"]
         lines.append(f"| vanilla accuracy (unrotated rows only) | {_score(v['score'])} ({v['n']} rows) |")

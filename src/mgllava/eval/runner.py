@@ -22,9 +22,13 @@ path, its content hash); images the file lacks are counted and listed in the res
 all is refused whatever the threshold, with an error naming the key this benchmark's samples are filed
 under. The boxes then go through the benchmark's box settings (the reference's: `--box-limit` etc.), set on
 the engine's image processor and recorded in the results.
-A sample whose image or video cannot be read, or whose prompt does not fit, gets an error line instead of an
-answer: it is retried on the next run and, while it fails, listed in the results (never scored). A batch that fails is retried one
-sample at a time so that one bad sample does not cost its neighbours. Results files hold no timings, so a
+A sample whose image or video cannot be read, whose prompt does not fit, or whose generation raises (a CUDA
+out-of-memory included) gets an error line instead of an answer: it is retried on the next run and, while it
+fails, counted and listed in the results (never scored). A batch that fails is retried one sample at a time
+so that one bad sample does not cost its neighbours. The scorers average the samples that have answers, so
+when more than `--max-failed-samples` (default 0) failed, the headline score is withheld: results.json and
+results.md are written with `score` null and the reason (`score_refused`), and `FailedSamples` is raised
+(`mgllava eval` exits non-zero), as with `--max-missing-boxes`. Results files hold no timings, so a
 resumed run and an uninterrupted one write identical files.
 """
 
@@ -45,11 +49,18 @@ from ..inference.engine import Engine, GenerationSettings
 from ..utils import dist
 from ..utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from .benchmarks import Benchmark, EvalOptions, box_settings, describe_box_settings, get_benchmark
+from .multiple_choice import DEFAULT_MC_INSTRUCTION
 from .report import build_results, render_markdown
-from .samples import Loaded, Sample, limit_samples
+from .samples import Loaded, Sample, check_unique_keys, limit_samples
 from .video_qa import find_video
 
 logger = logging.getLogger(__name__)
+
+
+class FailedSamples(ValueError):
+    """More samples failed to generate than `--max-failed-samples` allows; the results are written without
+    a score."""
+
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -57,6 +68,8 @@ TABLE = "results.md"
 RUN = "run.json"  # timings and topology of the last run; kept out of results.json
 STAMP = "answers_for.json"  # the settings the answers in the folder were made with
 SHARDS = "shards"
+# settings added to the stamp later, with the only value folders stamped before them can have been made with
+STAMP_BEFORE = {"mc_instruction": DEFAULT_MC_INSTRUCTION}
 
 
 @dataclass
@@ -233,6 +246,8 @@ def _check(opts: EvalOptions) -> None:
     if not 0.0 <= opts.max_missing_boxes <= 1.0:
         raise ValueError(f"--max-missing-boxes is a share in [0, 1], got {opts.max_missing_boxes}")
     get_benchmark(opts.benchmark).check(opts)  # scoring settings, refused before anything is generated
+    if opts.max_failed_samples < 0:
+        raise ValueError(f"--max-failed-samples must be 0 or more, got {opts.max_failed_samples}")
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
@@ -245,8 +260,12 @@ def _check(opts: EvalOptions) -> None:
         raise FileNotFoundError(f"--images {opts.images}: no such folder")
 
 
-def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, Any]) -> dict[str, Any]:
-    """What the answers in `out` were made with; answers made otherwise are never mixed in (ValueError)."""
+def _check_folder(
+    out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, Any], loaded: Loaded
+) -> dict[str, Any]:
+    """What the answers in `out` were made with; answers made otherwise are never mixed in (ValueError).
+    A loader whose prompts changed states its rule in `info["prompt_rule"]`; a folder without it was
+    answered under the old prompts and is refused."""
 
     def path(value: str | None) -> str | None:
         return str(Path(value).resolve()) if value is not None else None
@@ -259,11 +278,14 @@ def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, A
         "box_settings": boxes,
         "ocr": path(opts.ocr),
         "prompt": opts.prompt,
+        "mc_instruction": opts.mc_instruction,
         "split": opts.split,
         "max_new_tokens": max_new,
     }
+    if "prompt_rule" in loaded.info:
+        stamp["prompt_rule"] = loaded.info["prompt_rule"]
     if (out / STAMP).is_file():
-        old = json.loads((out / STAMP).read_text(encoding="utf-8"))
+        old = {**STAMP_BEFORE, **json.loads((out / STAMP).read_text(encoding="utf-8"))}
         ignore = {"model"} if opts.score_only or None in (old.get("model"), stamp["model"]) else set()
         differ = [k for k in stamp if k not in ignore and old.get(k) != stamp[k]]
         if differ:
@@ -274,7 +296,9 @@ def _check_folder(out: Path, opts: EvalOptions, max_new: int, boxes: dict[str, A
 
 def load_benchmark(opts: EvalOptions) -> tuple[Benchmark, Loaded]:
     bench = get_benchmark(opts.benchmark)
-    return bench, limit_samples(bench.load(opts), opts.limit, bench.group)
+    loaded = bench.load(opts)
+    check_unique_keys(loaded, f"{bench.name} {opts.data}")
+    return bench, limit_samples(loaded, opts.limit, bench.group)
 
 
 def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str, Any] | None:
@@ -288,7 +312,7 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
     settings = box_settings(bench, opts)
     max_new = opts.max_new_tokens or bench.max_new_tokens
     out = Path(opts.out)
-    stamp = _check_folder(out, opts, max_new, settings)
+    stamp = _check_folder(out, opts, max_new, settings, loaded)
     lookup = BoxLookup.load(opts.boxes) if opts.boxes else None
     boxes = find_boxes(loaded.samples, lookup, opts.max_missing_boxes, bench, loaded)
     done = read_records(out)
@@ -322,6 +346,8 @@ def run_eval(opts: EvalOptions, generate: GenerateFn | None = None) -> dict[str,
     }
     atomic_write_json(out / RUN, run)
     logger.info("%s: %d answered in %.1f s", bench.name, answered, elapsed)
+    if "score_refused" in results:
+        raise FailedSamples(results["score_refused"])
     return results
 
 
@@ -343,10 +369,30 @@ def _finish(
     results["box_settings"] = settings
     if lookup is not None:
         results["boxes"] = lookup.summary()
+    _refuse_score_past_failures(results, opts.max_failed_samples, out)
     _write_predictions(loaded, records, scored, out / PREDICTIONS)
     atomic_write_json(out / RESULTS, results)
     atomic_write_text(out / TABLE, render_markdown(results))
     return results
+
+
+def _refuse_score_past_failures(results: dict[str, Any], allowed: int, out: Path) -> None:
+    """Withhold every score (headline, categories, macro, vanilla) when more than `allowed` samples failed:
+    an average over the samples that happened to answer would pass for the benchmark's score."""
+    failed = results["failed"]
+    if len(failed) <= allowed:
+        return
+    first = "; ".join(f"{f['id']}: {f['reason']}" for f in failed[:3])
+    results["score_refused"] = (
+        f"{len(failed)} of {results['counts']['samples']} samples failed to generate, more than "
+        f"--max-failed-samples {allowed}, so no score is given (the rest would pass for the benchmark's "
+        f"score). First: {first}. All are listed in {out / TABLE}; run again to retry them, or allow them "
+        "with --max-failed-samples N"
+    )
+    results["score"] = None
+    results["categories"] = {}
+    for name in ("macro_accuracy", "vanilla_accuracy"):
+        results.pop(name, None)
 
 
 def _write_predictions(

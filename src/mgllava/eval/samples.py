@@ -6,6 +6,11 @@ A `Sample` is one model call: its key (unique within the benchmark, a string), t
 truth (None when the file has none, e.g. a test split) and whatever the scorer needs (`meta`). Loaders never
 raise on a bad row: they record an `Issue` naming the row and what is wrong, and go on; the results list
 every issue, so a bad row is never silently scored as right or wrong.
+
+Keys are unique: a loader whose file repeats an id either lists the later rows as invalid, naming the id
+(`keep_first`), or, where the official file itself repeats one (SEED-Bench.json's "49914"), gives each copy
+its own key and says so in `Loaded.info["renamed_duplicates"]`. `check_unique_keys` refuses any loader output
+that still repeats a key, so two questions never share one answer or pass for the rotations of one question.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,17 +66,36 @@ class Loaded:
     table: list[dict[str, Any]] | None = None  # the file's rows (no images), for submission files
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """A JSON file, or an error naming it (and the line of a syntax error)."""
+class RepeatedKeys(ValueError):
+    """A JSON object names a key twice (json.loads would keep the last one silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    counts = Counter(key for key, _ in pairs)
+    repeated = [key for key, n in counts.items() if n > 1]
+    if repeated:
+        raise RepeatedKeys(
+            f"key(s) {', '.join(map(repr, repeated[:10]))} appear more than once in one object"
+        )
+    return dict(pairs)
+
+
+def read_json(path: str | Path, what: str, unique_keys: bool = False) -> Any:
+    """A JSON file, or an error naming it (and the line of a syntax error). `unique_keys`: refuse an object
+    that repeats a key (for files keyed by question id, such as ScienceQA's problems.json)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(
+            path.read_text(encoding="utf-8"), object_pairs_hook=_unique_pairs if unique_keys else None
+        )
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path}: not valid JSON (line {err.lineno}: {err.msg})") from err
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} {path}: not UTF-8 text ({err.reason})") from err
+    except RepeatedKeys as err:
+        raise ValueError(f"{what} {path}: {err}; two questions cannot share one id") from err
 
 
 def expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -102,6 +127,29 @@ def tag_in_text(*texts: str | None) -> str | None:
 def media_path(root: str | Path | None, name: str) -> str:
     """`name` under the media folder (`--images`), or as given when no folder is set."""
     return str(Path(root) / name) if root is not None else name
+
+
+def keep_first(samples: list[Sample], issues: list[Issue], what: str) -> list[Sample]:
+    """The samples with the first of each key; every later one becomes an issue naming the id."""
+    kept: dict[str, Sample] = {}
+    for sample in samples:
+        if sample.key in kept:
+            reason = f"{what} {sample.key!r} appears more than once; only its first entry is answered"
+            issues.append(Issue(sample.key, reason))
+            continue
+        kept[sample.key] = sample
+    return list(kept.values())
+
+
+def check_unique_keys(loaded: Loaded, source: str) -> None:
+    """ValueError naming the repeated keys: a loader must refuse or rename duplicates (see the docstring)."""
+    counts = Counter(s.key for s in loaded.samples)
+    repeated = sorted(key for key, n in counts.items() if n > 1)
+    if repeated:
+        raise ValueError(
+            f"{source}: sample id(s) {', '.join(map(repr, repeated[:10]))} appear more than once; "
+            "two questions cannot share one answer"
+        )
 
 
 def limit_samples(loaded: Loaded, limit: int | None, group=None) -> Loaded:

@@ -20,9 +20,13 @@ Formats read:
 Box ids (docs/benchmarks.md): TextVQA the image id (LLaVA's `question_id`; `image_id` of the official JSON),
 DocVQA the TSV `index` (the native JSON, which lacks it: the image path), VQAv2 the `question_id`.
 
-Prompts (docs/design.md section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`;
-TextVQA's LLaVA variant puts `\\nReference OCR token: t1, t2, ...` between question and instruction (left
-out when an image has no OCR tokens); a LLaVA question file's `text` is used as it is.
+Prompts (docs/design.md section 9): `<image>\\n{question}\\nAnswer the question using a single word or phrase.`,
+byte-equal to LLaVA's question files (and so to the reference, which reads them): a LLaVA question file's
+`text` is used as it is; from the official TextVQA JSON the question goes through `str.capitalize()` (LLaVA's
+file and lmms-eval: "what is NASA?" -> "What is nasa?") and `\\nReference OCR token: t1, t2, ...` follows it,
+kept with nothing after the colon when an image has no OCR tokens, as LLaVA's file keeps it
+(`--prompt plain`: no OCR line, lmms-eval's default). VQAv2 and DocVQA questions are used as written, as
+LLaVA's VQAv2 file and the VLMEvalKit DocVQA TSV have them.
 
 Scores: TextVQA `textvqa_accuracy` (M4C); DocVQA `anls`; VQAv2 val: VQA accuracy of the chosen pipeline
 (`--scoring`: official vqaEval.py, llava = EvalAI processor first, lmms-eval), with the official
@@ -43,7 +47,16 @@ from ..data.templates import IMAGE_TOKEN
 from ..utils.io import JsonlError, atomic_write_json, atomic_write_text, read_jsonl
 from .metrics import anls, exact_match, textvqa_accuracy
 from .multiple_choice import read_tsv
-from .samples import Issue, Loaded, Sample, decode_base64, expect, media_path, read_json, tag_in_text
+from .samples import (
+    Issue,
+    Loaded,
+    Sample,
+    decode_base64,
+    keep_first,
+    media_path,
+    read_json,
+    tag_in_text,
+)
 from .scoring import (
     DEFAULT_SCORING,
     UPLOAD_RULES,
@@ -59,9 +72,18 @@ SHORT_SUFFIX = "Answer the question using a single word or phrase."
 OCR_PREFIX = "Reference OCR token: "
 
 
-def short_prompt(question: str, ocr_tokens: list[str] | None = None) -> str:
-    middle = f"\n{OCR_PREFIX}{', '.join(ocr_tokens)}" if ocr_tokens else ""
-    return f"{IMAGE_TOKEN}\n{question}{middle}\n{SHORT_SUFFIX}"
+def short_prompt(question: str) -> str:
+    """`<image>\\n{question}\\nAnswer the question using a single word or phrase.` (question as written)."""
+    return f"{IMAGE_TOKEN}\n{question}\n{SHORT_SUFFIX}"
+
+
+def textvqa_prompt(question: str, ocr_tokens: list[str] | None) -> str:
+    """The prompt of LLaVA's llava_textvqa_val_v051_ocr.jsonl (and lmms-eval's TextVQA) from the official
+    question: `str.capitalize()` (first letter up, the rest lower-cased), then the OCR line, kept when an
+    image has no tokens (`Reference OCR token: ` with nothing after it); `ocr_tokens` None: no OCR line
+    (`--prompt plain`, lmms-eval's prompt without OCR)."""
+    middle = "" if ocr_tokens is None else f"\n{OCR_PREFIX}{', '.join(ocr_tokens)}"
+    return f"{IMAGE_TOKEN}\n{question.capitalize()}{middle}\n{SHORT_SUFFIX}"
 
 
 def _answers(value: Any) -> list[str] | None:
@@ -125,12 +147,13 @@ def load_textvqa(
             continue
         ocr_list = None
         if variant == "ocr":
-            ocr_list = item.get("ocr_tokens", tokens.get(image_id))
-            if ocr_list is None:
+            found = item.get("ocr_tokens", tokens.get(image_id))
+            if found is None:
                 raise ValueError(
                     f"TextVQA {path}: question {key} has no OCR tokens; the LLaVA OCR prompt needs "
                     "--ocr TextVQA_Rosetta_OCR_v0.2_val.json (or use --prompt plain)"
                 )
+            ocr_list = [str(t) for t in found]  # [] still gets LLaVA's empty "Reference OCR token: " line
         problem = tag_in_text(item["question"])
         if problem:
             issues.append(Issue(key, problem))
@@ -138,15 +161,20 @@ def load_textvqa(
         samples.append(
             Sample(
                 key=key,
-                prompt=short_prompt(item["question"], [str(t) for t in ocr_list or []]),
+                prompt=textvqa_prompt(item["question"], ocr_list),
                 image=media_path(images_dir, f"{image_id}.jpg"),
                 box_id=image_id,  # the reference keys TextVQA by LLaVA's `question_id`, which is the image id
                 answers=_answers(item.get("answers")),
                 meta={},
             )
         )
-    info = {"format": "TextVQA JSON", "prompt": variant, "box_ids": "`image_id` (LLaVA's `question_id`)"}
-    return Loaded(samples, issues, info)
+    info = {
+        "format": "TextVQA JSON",
+        "prompt": variant,
+        "prompt_rule": "question.capitalize(), OCR line kept when empty (LLaVA's question file)",
+        "box_ids": "`image_id` (LLaVA's `question_id`)",
+    }
+    return Loaded(keep_first(samples, issues, "question_id"), issues, info)
 
 
 def llava_prompt_question(prompt: str) -> str:
@@ -237,7 +265,7 @@ def load_docvqa(path: str | Path, images_dir: str | None = None) -> Loaded:
             )
         )
     info = {"format": "DocVQA JSON", "box_ids": "the `image` path (val_v1.0.json has no TSV `index`)"}
-    return Loaded(samples, issues, info)
+    return Loaded(keep_first(samples, issues, "questionId"), issues, info)
 
 
 def _tsv_answers(text: str | None) -> list[str] | None:
@@ -261,12 +289,12 @@ def _load_docvqa_tsv(path: str | Path) -> Loaded:
         if not row.get("question"):
             issues.append(Issue(key, f"line {line}: no question"))
             continue
-        images[key] = row.get("image", "")
+        images.setdefault(key, row.get("image", ""))  # a repeated index is refused below
         answers = _tsv_answers(row.get("answer"))
         prompt = short_prompt(row["question"])
         samples.append(Sample(key, prompt, box_id=key, answers=answers, meta={"split": row.get("split")}))
     keep = []
-    for s in samples:
+    for s in keep_first(samples, issues, "index"):
         value = images[s.key]
         while len(value) < 16 and value in images:  # a row that points at another row's image
             s.alt_box_ids += (value,)  # ... and so may find its boxes under that row's index
@@ -322,7 +350,7 @@ def load_vqav2(
             )
         )
     info = {"format": "VQAv2 JSON", "subtype": subtype, "box_ids": "`question_id`"}
-    return Loaded(samples, issues, info)
+    return Loaded(keep_first(samples, issues, "question_id"), issues, info)
 
 
 def _vqav2_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -356,6 +384,26 @@ def _load_llava_vqav2(path: str | Path, images_dir: str | None, annotations: str
     return Loaded(samples, issues, {"format": "LLaVA VQAv2 question file", "box_ids": "`question_id`"})
 
 
+def _submission_ids(path: str | Path) -> list[Any]:
+    """The question ids of a VQAv2 question file, in its order: the official JSON (`questions[]`) or a LLaVA
+    question file (`llava_vqav2_mscoco_test2015.jsonl`, from which LLaVA's converter completes its upload)."""
+    if Path(path).suffix.lower() == ".jsonl":
+        records = _records(path, "VQAv2 submission questions file")
+        missing = [n for n, r in enumerate(records, 1) if "question_id" not in r]
+        if missing:
+            raise ValueError(
+                f"VQAv2 submission questions file {path}: line(s) {missing[:5]} have no question_id"
+            )
+        return [r["question_id"] for r in records]
+    data = read_json(path, "VQAv2 questions file")
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise ValueError(
+            f"VQAv2 questions file {path}: expected an object with a 'questions' list (the official JSON), "
+            "or a LLaVA .jsonl question file"
+        )
+    return [q["question_id"] for q in data["questions"] if isinstance(q, dict) and "question_id" in q]
+
+
 def write_vqav2_upload(
     loaded: Loaded,
     predictions: dict[str, str],
@@ -365,16 +413,15 @@ def write_vqav2_upload(
 ) -> tuple[Path, list[str]]:
     """EvalAI's VQAv2 upload file: `[{"question_id": int, "answer": str}]`, answers as the `scoring` pipeline
     writes them (`scoring.upload_answer`); questions without a prediction get "" (as LLaVA's converter does)
-    and are returned. `extra_questions` (e.g. the full test2015 questions file) adds ids the server expects
-    but we did not run."""
+    and are returned. `extra_questions` (the full test2015 questions: the official JSON or LLaVA's
+    `llava_vqav2_mscoco_test2015.jsonl`) gives the ids the server expects, in that file's order, as LLaVA's
+    converter writes them; questions we ran that it lacks follow."""
     entries, empty = [], []
     ids = [(s.key, s.meta.get("question_id", s.key)) for s in loaded.samples]
     if extra_questions is not None:
-        known = {k for k, _ in ids}
-        data = expect(read_json(extra_questions, "VQAv2 questions file"), dict, str(extra_questions))
-        for q in data.get("questions", []):
-            if isinstance(q, dict) and "question_id" in q and str(q["question_id"]) not in known:
-                ids.append((str(q["question_id"]), q["question_id"]))
+        listed = [(str(qid), qid) for qid in dict.fromkeys(_submission_ids(extra_questions))]
+        known = {k for k, _ in listed}
+        ids = listed + [(k, qid) for k, qid in ids if k not in known]
     for key, qid in ids:
         text = predictions.get(key)
         if text is None:
