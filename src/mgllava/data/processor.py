@@ -161,6 +161,19 @@ class MGLlavaProcessor(ProcessorMixin):
     def stop_token_ids(self) -> list[int]:
         return stop_token_ids(self.tokenizer, get_template(self.template))
 
+    def answer_ids(self, token_ids: Any) -> tuple[list[int], bool]:
+        """Generated ids (prompt excluded) up to the first of the template's stop tokens, and whether one came:
+        the one rule for where an answer ends (decoding, the engines' results, `decode_answer`)."""
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+        stops = set(self.stop_token_ids)
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        return (ids, False) if end is None else (ids[:end], True)
+
+    def visual_rows(self, frames: int, boxes: int) -> int:
+        """Placeholder tokens of an image (`frames` = 1) or a video: `num_image_tokens` per frame, plus one row
+        per box when object tokens get rows of their own."""
+        return frames * self.num_image_tokens + (boxes if self.object_rows else 0)
+
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -188,10 +201,12 @@ class MGLlavaProcessor(ProcessorMixin):
                 features = dict(self.image_processor([item], boxes=[boxes]))
             else:
                 features = self.image_processor.video(item, boxes)
-            frames = features["pixel_values"].shape[0]
             counts = features.get("object_counts")
-            objects = int(counts.sum()) if counts is not None and self.object_rows else 0
-            rows.append(frames * self.num_image_tokens + objects)
+            rows.append(
+                self.visual_rows(
+                    features["pixel_values"].shape[0], int(counts.sum()) if counts is not None else 0
+                )
+            )
             parts.append(features)
         return _concat(parts), rows
 
@@ -253,29 +268,12 @@ class MGLlavaProcessor(ProcessorMixin):
         ids, labels, cut = self._expand(ids, labels, rows, truncation)
         return {"input_ids": ids, "labels": labels, "truncated": cut, **features}
 
-    def _pad(
-        self, seqs: list[list[int]], labels: list[list[int]] | None, side: str
-    ) -> dict[str, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        lab = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-            input_ids[i, span] = torch.tensor(seq, dtype=torch.long)
-            mask[i, span] = 1
-            if labels is not None:
-                lab[i, span] = torch.tensor(labels[i], dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": mask}
-        if labels is not None:
-            out["labels"] = lab
-        return out
-
     def _batch(self, encoded: list[dict[str, Any]], with_labels: bool, side: str | None) -> dict[str, Any]:
-        seqs = [e["input_ids"] for e in encoded]
-        data = self._pad(
-            seqs, [e["labels"] for e in encoded] if with_labels else None, side or self.padding_side
-        )
+        side = side or self.padding_side
+        input_ids, mask = pad_batch([e["input_ids"] for e in encoded], self.pad_token_id, side)
+        data = {"input_ids": input_ids, "attention_mask": mask}
+        if with_labels:
+            data["labels"] = pad_batch([e["labels"] for e in encoded], IGNORE_INDEX, side)[0]
         data.update(_concat(encoded))
         return data
 
@@ -384,10 +382,20 @@ class MGLlavaProcessor(ProcessorMixin):
 
     def decode_answer(self, token_ids: Any) -> str:
         """Generated ids (prompt excluded) -> answer text, stopping at the template's stop tokens."""
-        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
-        stops = set(self.stop_token_ids)
-        end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        return self.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(self.answer_ids(token_ids)[0], skip_special_tokens=True).strip()
+
+
+def pad_batch(sequences: list[list[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) int64 of `sequences` padded with `value` on `side` ("left" or "right"), and the (B, L) mask of
+    their real positions: the one padding rule of training batches, generation and the engine."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[i, span] = torch.tensor(seq, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
 
 
 def _load_tokenizer(source: str | Path) -> Any:

@@ -57,7 +57,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..boxes import Boxes, BoxProposer
 from ..boxes.lookup import ImageKey
 from ..convert.folder import configure_generation
-from ..data.processor import images_in_messages
+from ..data.processor import images_in_messages, pad_batch
 from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
 from ..utils.dtypes import resolve_dtype
@@ -380,19 +380,17 @@ class Engine:
         if "pixel_values" not in batch:
             return []
         counts = batch["object_counts"].tolist() if "object_counts" in batch else None
-        base, object_rows = self.processor.num_image_tokens, self.processor.object_rows
         frames, start = [], 0
         for j in range(batch["pixel_values"].shape[0]):
             tensors = {
                 "pixel_values": batch["pixel_values"][j : j + 1],
                 "high_res_pixel_values": batch["high_res_pixel_values"][j : j + 1],
             }
-            rows = base
             if counts is not None:
                 tensors["object_boxes"] = batch["object_boxes"][start : start + counts[j]]
                 tensors["object_counts"] = batch["object_counts"][j : j + 1]
                 start += counts[j]
-                rows += counts[j] if object_rows else 0
+            rows = self.processor.visual_rows(1, counts[j] if counts is not None else 0)
             key = digest(*(tensors[k] for k in FRAME_KEYS if k in tensors))
             frames.append(Frame(key, tensors, rows))
         return frames
@@ -508,7 +506,7 @@ class Engine:
         results = []
         for i, p in enumerate(batch):
             generated = new[i, : limits[i]].tolist()
-            stopped = any(t in self.processor.stop_token_ids for t in generated)
+            stopped = self.processor.answer_ids(generated)[1]
             reason = "stop" if stopped else ("cancelled" if stops[i] is not None and stops[i]() else "length")
             results.append(self.answer(p, generated, streams[i], reason))
         return results
@@ -540,21 +538,14 @@ class Engine:
 
     def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids (B, L) left-padded with the pad token, and their mask (B, L), on the model's device."""
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.processor.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq) :] = 1
+        ids, mask = pad_batch(sequences, self.processor.pad_token_id, "left")
         device = self.model.device
         return ids.to(device), mask.to(device)
 
     def answer(self, prepared: Prepared, generated: list[int], stream: TextStream, reason: str) -> ChatResult:
         """The result of one row: `generated` up to the first stop token (included in the count), its text
         (as `MGLlavaProcessor.decode_answer`) flushed to the row's stream."""
-        stops = set(self.processor.stop_token_ids)
-        end = next((k for k, t in enumerate(generated) if t in stops), None)
-        answer = generated if end is None else generated[:end]
+        answer, stopped = self.processor.answer_ids(generated)
         text = self.decode(answer).strip()
         stream.finish(text)
         return ChatResult(
@@ -562,7 +553,7 @@ class Engine:
             token_ids=answer,
             finish_reason=reason,
             prompt_tokens=len(prepared.input_ids),
-            completion_tokens=len(answer) + (end is not None),
+            completion_tokens=len(answer) + stopped,
             images=prepared.images,
             video=prepared.video,
         )

@@ -117,7 +117,7 @@ class ServerSettings:
         AddressPolicy(tuple(self.image_url_allow))  # refuses malformed entries now
 
     def request_limits(self, engine: Engine) -> RequestLimits:
-        rows = engine.processor.num_image_tokens + 1  # an image's rows with at least its one object row
+        rows = engine.processor.visual_rows(1, 1)  # an image with at least one box (the zero-box fallback)
         return RequestLimits(
             max_images=self.max_images or max(1, engine.context_length // rows),
             max_boxes_per_image=self.max_boxes_per_image,
