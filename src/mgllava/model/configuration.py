@@ -55,6 +55,10 @@ CONVNEXT_L_768 = {
     "image_size": 768,
 }
 
+# With no text_config the LLM is Llama-shaped with Vicuna-1.5's vocabulary plus the `<image>` row that
+# `mgllava assemble` appends at id 32000, so that `MGLlavaConfig()` builds with its default image_token_id.
+VICUNA_VOCAB = {"vocab_size": 32001}
+
 
 def preset_names() -> list[str]:
     folder = resources.files("mgllava") / "configs" / "models"
@@ -92,7 +96,7 @@ class MGLlavaConfig(PreTrainedConfig):
         "high_res_config": SubConfigSpec(
             config_class=AutoConfig, model_type="convnext", init_kwargs=CONVNEXT_L_768
         ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=VICUNA_VOCAB),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
