@@ -21,7 +21,7 @@ paper models at their real sizes, and `mgllava-vicuna-7b-video` (the paper's vid
 Deviation from the reference: the reference splices visual rows at id -200, which is not a vocabulary
 entry; here the placeholder is a real token (`<image>`) so that HF `generate` and its logits processors
 see only valid ids. For LLMs whose vocabulary has no free row this adds one embedding row (and one
-`lm_head` row, zero-initialised and suppressed in generation).
+`lm_head` row, zero-initialised, suppressed in generation and masked out of the loss; docs/design.md 13.1).
 """
 
 from __future__ import annotations
