@@ -58,7 +58,7 @@ $(HARNESS_STAMP): $(HARNESS_LOCK) pyproject.toml Makefile
 	touch $@
 
 test-harness: $(HARNESS_STAMP)
-	$(HARNESS_VENV)/bin/python -m pytest -q -m "harness and not slow"
+	$(HARNESS_VENV)/bin/python -m pytest -q -m "harness and not slow" tests/harness
 
 # the web page test drives a real headless Chromium: Debian's packages, installed only when missing
 browser:
