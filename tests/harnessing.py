@@ -17,7 +17,9 @@ def plain_scores(engine, messages, continuation, images=None, boxes=None) -> tup
     with torch.no_grad():
         logits = engine.model(input_ids=ids, **tensors).logits[0]
     n, image_id = len(prepared.input_ids), engine.model.config.image_token_id
-    real = [i for i in range(logits.shape[-1]) if i != image_id]  # the LLM's own vocabulary, as the reference's
+    real = [
+        i for i in range(logits.shape[-1]) if i != image_id
+    ]  # the LLM's own vocabulary, as the reference's
     assert image_id not in continuation
     target = torch.tensor([real.index(t) for t in continuation])
     logprobs = logits[n - 1 : n - 1 + len(target), real].float().log_softmax(-1)
