@@ -1,24 +1,34 @@
 # The README's two commands: `make demo` and `make test`. Both create or refresh .venv from the lock first.
 #
 # Installs are locked: requirements/lock.txt pins every package (torch included) for CPython 3.11 on
-# x86_64 Linux, compiled by pip-tools from pyproject.toml's ranges; requirements/torch.txt chooses the torch
-# build (the pair that lies on our build machines' disk). `make test-latest` tries the newest releases the
-# ranges allow in a scratch venv; `make lock` does the same and, when the tests pass there, writes the lock.
+# x86_64 Linux, compiled by pip-tools from pyproject.toml's ranges with every extra but `lmms`;
+# requirements/torch.txt chooses the torch build (the pair that lies on our build machines' disk). The `lmms`
+# extra (lmms-eval pins wandb 0.25, so protobuf < 7, which sentencepiece's tokenizer.model reader cannot use)
+# has its own lock, requirements/lock-lmms.txt, and venv, for the harness tests (`make test-harness`).
+# `make test-latest` tries the newest releases the ranges allow in a scratch venv; `make lock` does the same
+# and, when the tests pass there, writes both locks.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LATEST := .venv-latest
+HARNESS_VENV := .venv-lmms
 LOCK := requirements/lock.txt
+HARNESS_LOCK := requirements/lock-lmms.txt
+HARNESS_IN := requirements/harness.in
 TORCH_PINS := requirements/torch.txt
 PIP_SPEC := pip==26.3
 STAMP := $(VENV)/.installed
-COMPILE_FLAGS := --all-extras --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -c $(TORCH_PINS)
+HARNESS_STAMP := $(HARNESS_VENV)/.installed
+EXTRAS := convert video train eval serve demo dev
+BASE_FLAGS := --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -c $(TORCH_PINS)
+COMPILE_FLAGS := $(foreach e,$(EXTRAS),--extra $(e)) $(BASE_FLAGS)
+HARNESS_FLAGS := --extra lmms --extra serve $(BASE_FLAGS)
 export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow test-latest lock lint format bench bench-components clean
+.PHONY: install browser demo test test-slow test-harness test-latest lock lint format bench bench-components clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +46,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not harness"
+
+# the lmms-eval harness tests, in their own venv (requirements/lock-lmms.txt: see the top of this file)
+$(HARNESS_STAMP): $(HARNESS_LOCK) pyproject.toml Makefile
+	test -x $(HARNESS_VENV)/bin/python || $(PYTHON) -m venv $(HARNESS_VENV)
+	$(HARNESS_VENV)/bin/python -m pip install -q $(PIP_SPEC)
+	$(HARNESS_VENV)/bin/python -m pip install -q -r $(HARNESS_LOCK)
+	$(HARNESS_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(HARNESS_VENV)/bin/python -m pip check
+	touch $@
+
+test-harness: $(HARNESS_STAMP)
+	$(HARNESS_VENV)/bin/python -m pytest -q -m "harness and not slow" tests/harness
 
 # the web page test drives a real headless Chromium: Debian's packages, installed only when missing
 browser:
@@ -53,16 +75,18 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q $(PIP_SPEC) pip-tools
 	$(LATEST)/bin/pip-compile -q --upgrade $(COMPILE_FLAGS) -o $(LATEST)/lock.txt pyproject.toml
+	$(LATEST)/bin/pip-compile -q --upgrade $(HARNESS_FLAGS) -o $(LATEST)/lock-lmms.txt pyproject.toml $(HARNESS_IN)
 	$(LATEST)/bin/python -m pip install -q -r $(LATEST)/lock.txt
 	$(LATEST)/bin/python -m pip install -q --no-deps -e .
 	@echo "newest allowed releases against $(LOCK):"
 	@diff <(grep -E '^[a-zA-Z]' $(LOCK)) <(grep -E '^[a-zA-Z]' $(LATEST)/lock.txt) && echo "  (no change)" || true
-	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(LATEST)/bin/python -m pytest -q -m "not slow and not harness" -p no:cacheprovider
 
 # Re-lock to the newest allowed releases; the lock is written only when the fast tests pass on it.
 lock: test-latest
 	cp $(LATEST)/lock.txt $(LOCK)
-	@echo "wrote $(LOCK); run make test-slow on it before committing"
+	cp $(LATEST)/lock-lmms.txt $(HARNESS_LOCK)
+	@echo "wrote $(LOCK) and $(HARNESS_LOCK); run make test-slow and make test-harness on them before committing"
 
 lint: test
 
@@ -81,4 +105,4 @@ bench-components: $(STAMP)
 	for f in boxes eval train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(LATEST) $(HARNESS_VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -13,7 +13,8 @@ written below from docs/design.md with plain torch / torchvision / transformers 
     `[image rows][object rows]` spliced at each <image>, frame after frame at <video>
 
 for a multi-turn conversation with two images and their boxes, a text-only conversation and an 8-frame video,
-in each of the four chat templates; fp32 logits agree within 1e-4. Then the converter's bad inputs: a
+in each of the four chat templates; fp32 logits agree within 1e-4, the labels are XTuner's, and the loss (the
+reference's is over the LLM's own vocabulary; ours masks the `<image>` column out) within 1e-6. Then the converter's bad inputs: a
 reference for another LLM size, a truncated file, a template that does not match the tokenizer.
 
 Sizes are the tiny formats' (CLIP 56 px / patch 14, ConvNeXt 128 px / stride 32: a 4x4 grid, 16 image rows).
@@ -56,6 +57,8 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711])
 ROI_SIZE = 56
 NMS_IOU = 0.2
 MARK = -1  # an <image> / <video> position in the reference's token list
+IGNORE = -100  # XTuner's IGNORE_INDEX: no loss at this position
+LOSS_TOL = 1e-6  # fp32 loss against the reference's
 
 # Section 6, as the reference's vendored XTuner `templates.py` has them (phi3_chat: no newline after <|user|>,
 # 13.22). `eos`: the answer ends with EOS and the next turn starts with BOS; else the suffix ends it, no BOS.
@@ -213,32 +216,41 @@ class Reference:
             out.append(torch.cat([image_rows[i], mlp(pooled, self.w, "bbox_projector.model.")]))
         return out
 
-    def encode(self, turns: list[tuple[str, str]]) -> list[int]:
+    def encode(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """XTuner's (ids, labels): labels IGNORE on BOS, the instruction and SEP, the ids on output, suffix, EOS."""
         t, tok = self.template, self.tok
-        ids, bos = [], True
+        ids, labels, bos = [], [], True
         for question, answer in turns:
-            ids += [tok.bos_token_id] if bos else []
+            prompt = [tok.bos_token_id] if bos else []
             for k, piece in enumerate(re.split("<image>|<video>", t["instruction"].format(input=question))):
-                ids += ([MARK] if k else []) + tok.encode(piece, add_special_tokens=False)
-            ids += tok.encode(answer + t["suffix"], add_special_tokens=False)
-            ids += [tok.eos_token_id] if t["eos"] else []
-            ids += tok.encode(t["sep"], add_special_tokens=False) if t["sep"] else []
+                prompt += ([MARK] if k else []) + tok.encode(piece, add_special_tokens=False)
+            output = tok.encode(answer + t["suffix"], add_special_tokens=False)
+            output += [tok.eos_token_id] if t["eos"] else []
+            sep = tok.encode(t["sep"], add_special_tokens=False) if t["sep"] else []
+            ids += prompt + output + sep
+            labels += [IGNORE] * len(prompt) + output + [IGNORE] * len(sep)
             bos = t["eos"]
-        return ids
+        return ids, labels
 
     def forward(self, turns: list[tuple[str, str]], visuals: list[list[torch.Tensor]]):
-        """(token ids with each visual row as None, logits (T, V)); `visuals[k]`: the rows at the k-th tag."""
+        """(token ids with each visual row as None, labels, logits (T, V), loss); `visuals[k]`: the rows at the
+        k-th tag. The loss is the LLM's shifted cross-entropy, the mean over supervised tokens (visual rows are
+        IGNORE), over the LLM's own vocabulary: the reference has no placeholder column."""
         embed = self.llm.get_input_embeddings()
-        ids, pieces, rows = [], [], iter(visuals)
-        for token in self.encode(turns):
+        ids, labels, pieces, rows = [], [], [], iter(visuals)
+        for token, label in zip(*self.encode(turns), strict=True):
             if token == MARK:
                 visual = torch.cat(next(rows))
                 ids += [None] * visual.shape[0]
+                labels += [IGNORE] * visual.shape[0]
                 pieces.append(visual)
             else:
                 ids.append(token)
+                labels.append(label)
                 pieces.append(embed(torch.tensor([token])))
-        return ids, self.llm(inputs_embeds=torch.cat(pieces)[None]).logits[0]
+        logits = self.llm(inputs_embeds=torch.cat(pieces)[None]).logits[0]
+        loss = F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE)
+        return ids, labels, logits, loss
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
@@ -308,19 +320,24 @@ def converted(tiny_components, tmp_path_factory):
     return get
 
 
-def compare(model, processor, ref_ids: list[int | None], ref_logits: torch.Tensor, **visuals) -> None:
+def compare(model, processor, ref: tuple, **visuals) -> None:
+    """Our ids, labels, logits and loss against the reference's `ref` = (ids, labels, logits, loss)."""
+    ref_ids, ref_labels, ref_logits, ref_loss = ref
     inputs, turns = visuals.pop("inputs"), visuals.pop("turns")
     batch = processor.apply_chat_template(
         messages(turns), tokenize=True, return_dict=True, **visuals, **inputs
     )
-    batch.pop("labels")
     with torch.no_grad():
-        logits = model(**batch).logits[0]
+        out = model(**batch)
     expected_ids = [processor.image_token_id if t is None else t for t in ref_ids]
     assert batch["input_ids"][0].tolist() == expected_ids
+    assert batch["labels"][0].tolist() == ref_labels
     vocab = ref_logits.shape[-1]
-    torch.testing.assert_close(logits[:, :vocab], ref_logits, atol=1e-4, rtol=0)
-    assert not logits[:, vocab:].any()  # the <image> row the converter added (zero, suppressed in generation)
+    torch.testing.assert_close(out.logits[0, :, :vocab], ref_logits, atol=1e-4, rtol=0)
+    assert not out.logits[
+        0, :, vocab:
+    ].any()  # the <image> row the converter added (zero, suppressed in generation)
+    assert abs(out.loss.item() - ref_loss.item()) < LOSS_TOL  # its column is not in the loss
 
 
 @pytest.mark.parametrize("template", list(TEMPLATES))
@@ -331,17 +348,17 @@ def test_two_images_multi_turn_logits_match_the_reference(converted, template):
         for image, record in zip(IMAGES, IMAGE_BOXES, strict=True):
             low, high = ref.image_pixels(image)
             visuals.append(ref.visual_rows(low, high, [ref.image_boxes(record, *image.size)]))
-        ids, logits = ref.forward(IMAGE_TURNS, visuals)
+        expected = ref.forward(IMAGE_TURNS, visuals)
     assert [v[0].shape[0] for v in visuals] == [16 + 3, 16 + 2]  # NMS dropped one box, the clipped one stayed
-    compare(model, processor, ids, logits, turns=IMAGE_TURNS, inputs=dict(images=IMAGES, boxes=IMAGE_BOXES))
+    compare(model, processor, expected, turns=IMAGE_TURNS, inputs=dict(images=IMAGES, boxes=IMAGE_BOXES))
 
 
 @pytest.mark.parametrize("template", list(TEMPLATES))
 def test_text_only_logits_match_the_reference(converted, template):
     model, processor, ref = converted(template)
     with torch.no_grad():
-        ids, logits = ref.forward(TEXT_TURNS, [])
-    compare(model, processor, ids, logits, turns=TEXT_TURNS, inputs={})
+        expected = ref.forward(TEXT_TURNS, [])
+    compare(model, processor, expected, turns=TEXT_TURNS, inputs={})
 
 
 @pytest.mark.parametrize("template", list(TEMPLATES))
@@ -352,10 +369,10 @@ def test_video_logits_match_the_reference(converted, template):
         low, high = ref.video_pixels(FRAMES, ref.low), ref.video_pixels(FRAMES, HIGH_RES)
         boxes = [ref.frame_boxes(record, w, h) for record in FRAME_BOXES]
         rows = ref.visual_rows(low, high, boxes)
-        ids, logits = ref.forward(VIDEO_TURNS, [rows])
+        expected = ref.forward(VIDEO_TURNS, [rows])
     assert [len(b) for b in boxes] == [2, 1, 2, 1, 2, 1, 2, 1]  # frame 3's box dropped: the zero-box fallback
     inputs = dict(videos=[FRAMES], video_boxes=[FRAME_BOXES])
-    compare(model, processor, ids, logits, turns=VIDEO_TURNS, inputs=inputs)
+    compare(model, processor, expected, turns=VIDEO_TURNS, inputs=inputs)
 
 
 # -- the converter's bad inputs -----------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The composite model: generation equivalences, save/load, counts, dtypes, attention backends, training."""
 
+from unittest import mock
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.convert.folder import configure_generation, write_folder
+from mgllava.model import modeling
 
 from ..serving import scene
 
@@ -96,7 +99,7 @@ def test_several_images_in_one_conversation(tiny):
     assert greedy(model, inputs, n=3).shape == (1, 3)
 
 
-def test_placeholder_count_mismatch_names_both_counts(tiny):
+def test_placeholder_count_mismatch_names_both_counts_and_text_alone_warns(tiny):
     model, processor = tiny
     inputs = encode(processor, ask("What?"), [scene(7)], [[[0, 0, 10, 10]]])
     ids = inputs["input_ids"].clone()
@@ -104,8 +107,12 @@ def test_placeholder_count_mismatch_names_both_counts(tiny):
     args = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels")}
     with pytest.raises(ValueError, match=r"16 image placeholder tokens but the images give 17 visual rows"):
         model(input_ids=ids, **args)
-    with pytest.raises(ValueError, match="17 image placeholder tokens but no images"):
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with mock.patch.object(modeling.logger, "warning_once") as warn, torch.no_grad():
+        text_only = model(input_ids=ids, attention_mask=mask).logits  # as LLaVA: the placeholder's own row
+        embedded = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask).logits
+    assert "17 image placeholder tokens but no images were given" in warn.call_args.args[0]
+    assert torch.equal(text_only, embedded)
 
 
 def test_more_image_tags_than_images_is_an_error(tiny):
@@ -270,3 +277,43 @@ def test_model_built_on_meta_and_materialised_initialises_every_tensor():
     assert left == []
     scale = model.high_res_tower.encoder.stages[0].layers[0].layer_scale_parameter
     assert torch.equal(scale, torch.full_like(scale, config.high_res_config.layer_scale_init_value))
+
+
+def test_placeholder_rows_get_no_gradient_and_its_column_is_not_in_the_loss(tiny):
+    model, processor = tiny
+    trained = MGLlavaForConditionalGeneration(model.config)
+    trained.load_state_dict(model.state_dict())
+    trained.train()
+    image_id = model.config.image_token_id
+    conv = [*ask("What shape?"), {"role": "assistant", "content": "A circle"}]
+    batch = processor.apply_chat_template(
+        conv, tokenize=True, return_dict=True, images=[scene(18)], boxes=[[[0, 0, 20, 20]]]
+    )
+    out = trained(**batch)
+    real = [i for i in range(out.logits.shape[-1]) if i != image_id]
+    plain = torch.nn.functional.cross_entropy(out.logits[0, :-1, real], batch["labels"][0, 1:].clone().apply_(
+        lambda t: real.index(t) if t != -100 else t), ignore_index=-100)  # fmt: skip
+    torch.testing.assert_close(out.loss, plain, atol=1e-6, rtol=0)  # over the LLM's own columns
+    text = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}  # placeholders, no images
+    (out.loss + trained(**text).loss).backward()
+    embed, head = trained.get_input_embeddings().weight.grad, trained.get_output_embeddings().weight.grad
+    assert not embed[image_id].any() and not head[image_id].any()
+    assert embed[batch["input_ids"][0, 0]].any() and head[real].any()  # the other rows do learn
+
+
+def test_greedy_generation_never_emits_the_placeholder(tiny):
+    model, processor = tiny
+    fresh = MGLlavaForConditionalGeneration(model.config).eval()  # no configure_generation: its own default
+    fresh.load_state_dict(model.state_dict())
+    inputs = encode(processor, ask("What?"), [scene(19)], [[[0, 0, 10, 10]]])
+    captured = {}  # the last position's input to the LM head: the placeholder row along it wins there
+    hook = fresh.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: captured.update(h=args[0][0, -1].detach())
+    )
+    with torch.no_grad():
+        fresh(**inputs)
+        hook.remove()
+        fresh.get_output_embeddings().weight[model.config.image_token_id] = 100 * captured["h"]
+        assert fresh(**inputs).logits[0, -1].argmax() == model.config.image_token_id  # it would win
+    assert fresh.generation_config.suppress_tokens == [model.config.image_token_id]
+    assert model.config.image_token_id not in greedy(fresh, inputs, n=6)[0].tolist()

@@ -6,6 +6,9 @@ tokens, with the image's visual rows in the prompt (the scoring half of a harnes
         --left-pad prompt + continuation to (B, W), positions from the mask, keep the last max(M_i) + 1 logits-->
         log_softmax at the positions before each continuation token (B, M_i, V) --> sum, mean, greedy?
 
+The distribution is over the LLM's own vocabulary, as the reference's: the `<image>` placeholder's column is
+masked out before the log_softmax (`mask_placeholder`), so it takes no probability and is never the greedy token.
+
 A continuation is tokenised on its own (`add_special_tokens=False`), as an answer is in training and in the
 reference's encoding (docs/design.md section 6.3), and appended to the generation prompt (which ends with the
 template's assistant prefix). Padding is on the left with real attention masks and position ids counted
@@ -21,6 +24,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..inference import Engine, Prepared
+from ..model.modeling import mask_placeholder
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,10 @@ def score_continuations(
             logits_to_keep=keep,
             **extra,
         ).logits  # (B, keep, V): positions width - keep .. width - 1
-    scores = []
+    scores, image_id = [], engine.model.config.image_token_id
     for i, (_, cont) in enumerate(batch):
         m = len(cont)
-        before = logits[i, keep - 1 - m : keep - 1].float().log_softmax(-1)  # (m, V)
+        before = mask_placeholder(logits[i, keep - 1 - m : keep - 1], image_id).log_softmax(-1)  # (m, V)
         target = torch.tensor(list(cont), device=before.device)
         logprob = before.gather(-1, target[:, None]).sum().item()
         greedy = bool((before.argmax(-1) == target).all())

@@ -21,7 +21,7 @@ paper models at their real sizes, and `mgllava-vicuna-7b-video` (the paper's vid
 Deviation from the reference: the reference splices visual rows at id -200, which is not a vocabulary
 entry; here the placeholder is a real token (`<image>`) so that HF `generate` and its logits processors
 see only valid ids. For LLMs whose vocabulary has no free row this adds one embedding row (and one
-`lm_head` row, zero-initialised and suppressed in generation).
+`lm_head` row, zero-initialised, suppressed in generation and masked out of the loss; docs/design.md 13.1).
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ CONVNEXT_L_768 = {
     "layer_norm_eps": 1e-6,
     "image_size": 768,
 }
+
+# With no text_config the LLM is Llama-shaped with Vicuna-1.5's vocabulary plus the `<image>` row that
+# `mgllava assemble` appends at id 32000, so that `MGLlavaConfig()` builds with its default image_token_id.
+VICUNA_VOCAB = {"vocab_size": 32001}
 
 
 def preset_names() -> list[str]:
@@ -92,7 +96,7 @@ class MGLlavaConfig(PreTrainedConfig):
         "high_res_config": SubConfigSpec(
             config_class=AutoConfig, model_type="convnext", init_kwargs=CONVNEXT_L_768
         ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=VICUNA_VOCAB),
     }
 
     vision_config: dict | PreTrainedConfig | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.convnext.modeling_convnext import ConvNextEmbeddings, ConvNextLayer, ConvNextStage
 
 from .configuration import high_res_stage_strides, low_res_grid
@@ -43,9 +44,18 @@ class LowResEncoder(nn.Module):
     def num_tokens(self) -> int:
         return self.grid * self.grid
 
+    def clip_outputs(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False
+    ) -> BaseModelOutputWithPooling:
+        """CLIP's own output with every layer's hidden states (and its attentions when asked)."""
+        return self.clip(pixel_values, output_hidden_states=True, output_attentions=output_attentions)
+
+    def select(self, outputs: BaseModelOutputWithPooling) -> torch.Tensor:
+        """The feature layer without CLS: (B, grid*grid, C)."""
+        return outputs.hidden_states[self.feature_layer][:, 1:]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.clip(pixel_values, output_hidden_states=True)
-        return out.hidden_states[self.feature_layer][:, 1:]  # drop CLS: (B, grid*grid, C)
+        return self.select(self.clip_outputs(pixel_values))
 
 
 class ConvNextBlock(ConvNextLayer):

@@ -7,16 +7,23 @@
     input_ids with [V_i O_i] placeholder runs ──► embed, scatter rows ──► language_model ──► logits
 
 The processor writes one `image_token_id` per visual row (576 + n_i per image, in image order) and the
-model fills them in order; a count mismatch is an error naming both numbers. `get_image_features` returns
-one `(576 + n_i, H)` tensor per image, so transformers' `generate` encodes the images once before prefill
-(`mm_encoder_outputs`) and callers may pass pre-computed features to reuse them across turns.
+model fills them in order; a count mismatch is an error naming both numbers. Placeholders are found through
+`input_ids`, or through `inputs_embeds` (positions holding the placeholder's embedding row) when only
+embeddings are given, as transformers' LLaVA does. `get_image_features` returns one `(576 + n_i, H)` tensor
+per image, so transformers' `generate` encodes the images once before prefill (`mm_encoder_outputs`) and
+callers may pass pre-computed features to reuse them across turns.
 
-Deviations from the reference (docs/design.md section 11): real attention masks and position ids for padded
-batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200. RoI
-features are averaged in float32 and then cast (the reference casts before the 56x56 mean).
+Deviations from the reference (docs/design.md section 13): real attention masks and position ids for padded
+batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200, and its
+column is left out of the loss (`mask_placeholder`: the cross-entropy is the reference's, over the LLM's own
+vocabulary), its embedding and output rows get no gradient, and generation suppresses it. Placeholders
+in text given without images keep their own embedding row (as LLaVA's do), with a warning. RoI features
+are averaged in float32 and then cast (the reference casts before the 56x56 mean).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +31,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MGLlavaConfig
@@ -34,11 +42,36 @@ from .object_tokens import ObjectMixer
 from .objects import pool_object_features
 from .projector import build_projector
 
+logger = logging.get_logger(__name__)
+
 
 class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
     """transformers' multimodal causal-LM output: `loss`, `logits`, `cache`, `hidden_states`, `attentions`,
-    and `image_outputs` (`last_hidden_state` = the (B_img, 576, H) image rows, `pooler_output` = one
-    (576 + n_i, H) tensor of visual rows per image), as `LlavaForConditionalGeneration` declares it."""
+    and `image_outputs` (an `MGLlavaImageOutput`), as `LlavaForConditionalGeneration` declares it."""
+
+
+@dataclass
+class MGLlavaImageOutput(BaseModelOutputWithPooling):
+    """What `get_image_features` returns. `last_hidden_state`: the (B_img, 576, H) projected image rows;
+    `pooler_output`: one (576 + n_i, H) tensor of visual rows per image (image rows, then its object rows:
+    what fills its placeholders). When asked (`output_hidden_states`, `output_attentions`), as LLaVA returns its
+    tower's: `hidden_states` and `attentions` of the CLIP tower (embeddings + every layer, CLS included), and
+    `high_res_hidden_states`, the ConvNeXt stage maps (B_img, C_s, H_s, W_s). LLaVA's `last_hidden_state` is
+    its tower's last layer; ours stays the projected rows, which callers have always received."""
+
+    high_res_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def mask_placeholder(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """A float32 copy of `logits` (..., V) with the placeholder's column at -inf: the distribution over the
+    LLM's own vocabulary, which is the reference's (it splices images at id -200 and has no such column).
+    The loss and the likelihood harness read this; the returned logits keep the column as computed. Under
+    autograd the column gets no gradient, so neither does the placeholder's output row."""
+    out = logits.float()
+    if out.data_ptr() == logits.data_ptr():
+        out = out.clone()
+    out[..., image_token_id] = float("-inf")
+    return out
 
 
 # The top-level modules, in data-flow order. The pretrained parts come from released checkpoints, the new
@@ -109,6 +142,10 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         if undeclared:
             raise TypeError(f"modules {undeclared} are not declared in mgllava.model.modeling.MODULES")
         self.post_init()
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            self.generation_config.suppress_tokens = [
+                config.image_token_id
+            ]  # `configure_generation` keeps it
 
     def new_modules(self) -> list[str]:
         """The names of this variant's own (non-pretrained) modules that have parameters."""
@@ -150,26 +187,28 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         ]  # each (n_i, sum C_s) float32
         return [self.box_projector(p.to(weight.device, weight.dtype)) for p in pooled]
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         high_res_pixel_values: torch.Tensor | None = None,
         object_boxes: torch.Tensor | None = None,
         object_counts: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        """Visual rows per image: `pooler_output[i]` is (num_image_tokens + n_i, H), image rows then objects."""
+    ) -> MGLlavaImageOutput | tuple:
+        """Visual rows per image: `pooler_output[i]` is (num_image_tokens + n_i, H), image rows then objects;
+        the towers' hidden states and attentions when asked (`MGLlavaImageOutput`); a tuple with
+        `return_dict=False`."""
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        attentions = self.config.output_attentions if output_attentions is None else output_attentions
         low_param = _param_of(self.vision_tower)
-        low = self.vision_tower(pixel_values.to(low_param.device, low_param.dtype))  # (B, N, C_lo)
-        stages = None
-        if self.high_res_tower is not None:
-            if high_res_pixel_values is None:
-                raise ValueError(
-                    f"this model (fusion={self.config.fusion}, object_tokens={self.config.object_tokens}) "
-                    "needs high_res_pixel_values; the MGLlavaProcessor produces them"
-                )
-            high_param = _param_of(self.high_res_tower)
-            stages = self.high_res_tower(high_res_pixel_values.to(high_param.device, high_param.dtype))
+        clip_out = self.vision_tower.clip_outputs(
+            pixel_values.to(low_param.device, low_param.dtype), attentions
+        )
+        low = self.vision_tower.select(clip_out)  # (B, N, C_lo)
+        stages = self._high_res_stages(high_res_pixel_values)
         stages_here = [s.to(low.device) for s in stages] if stages is not None else None
         fused = self.fusion(low, stages_here)  # (B, N, fusion.out_dim)
         proj_param = _param_of(self.projector)
@@ -182,14 +221,40 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
                 )
             objects = self.get_object_features(stages, object_boxes, object_counts)
             rows = [self.object_mixer(r, o.to(r.device, r.dtype)) for r, o in zip(rows, objects, strict=True)]
-        return BaseModelOutputWithPooling(last_hidden_state=image_rows, pooler_output=rows)
+        return MGLlavaImageOutput(
+            last_hidden_state=image_rows,
+            pooler_output=rows,
+            hidden_states=clip_out.hidden_states if hidden else None,
+            attentions=clip_out.attentions if attentions else None,
+            high_res_hidden_states=tuple(stages) if hidden and stages is not None else None,
+        )
+
+    def _high_res_stages(self, high_res_pixel_values: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The ConvNeXt stage maps, or None for a model without the high-res tower."""
+        if self.high_res_tower is None:
+            return None
+        if high_res_pixel_values is None:
+            raise ValueError(
+                f"this model (fusion={self.config.fusion}, object_tokens={self.config.object_tokens}) "
+                "needs high_res_pixel_values; the MGLlavaProcessor produces them"
+            )
+        high_param = _param_of(self.high_res_tower)
+        return self.high_res_tower(high_res_pixel_values.to(high_param.device, high_param.dtype))
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, T) bool, True at placeholder positions: from `input_ids`, or, without them, where
+        `inputs_embeds` holds the placeholder's embedding row (as transformers' LLaVA finds them)."""
+        if input_ids is not None:
+            return (input_ids == self.config.image_token_id).to(inputs_embeds.device)
+        token = torch.tensor(self.config.image_token_id, device=self.get_input_embeddings().weight.device)
+        row = self.get_input_embeddings()(token).to(inputs_embeds.device, inputs_embeds.dtype)
+        return (inputs_embeds == row).all(-1)
 
     def _scatter_visual_rows(
-        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, rows: list[torch.Tensor]
+        self, mask: torch.Tensor, inputs_embeds: torch.Tensor, rows: list[torch.Tensor]
     ) -> torch.Tensor:
-        if input_ids is None:
-            raise ValueError("images need input_ids to locate their placeholder tokens")
-        mask = input_ids == self.config.image_token_id
         features = torch.cat(rows).to(inputs_embeds.device, inputs_embeds.dtype)
         n_tokens, n_rows = int(mask.sum()), features.shape[0]
         if n_tokens != n_rows:
@@ -197,14 +262,22 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
                 f"the text has {n_tokens} image placeholder tokens but the images give {n_rows} visual rows "
                 f"({len(rows)} images); process text and images together with MGLlavaProcessor"
             )
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), features)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
-    def _check_no_placeholders(self, input_ids: torch.Tensor | None, cache: Cache | None) -> None:
-        if input_ids is None or cache is not None:
-            return
-        n = int((input_ids == self.config.image_token_id).sum())
-        if n:
-            raise ValueError(f"the text has {n} image placeholder tokens but no images were given")
+    def _placeholders_without_images(
+        self, mask: torch.Tensor, inputs_embeds: torch.Tensor, cache: Cache | None
+    ) -> torch.Tensor:
+        """Text with placeholders and no images: they keep the placeholder's own embedding row, as LLaVA embeds
+        them (transformers' common tests, eager vs SDPA, feed such text), but that row gets no gradient. A
+        direct call (no cache) warns once: the processor never writes placeholders without their images."""
+        if cache is None and bool(mask.any()):
+            logger.warning_once(
+                f"the text has {int(mask.sum())} image placeholder tokens but no images were given: they are "
+                "embedded as the placeholder's own row; pass the images the processor expanded them for"
+            )
+        if torch.is_grad_enabled() and inputs_embeds.requires_grad:
+            inputs_embeds = torch.where(mask.unsqueeze(-1), inputs_embeds.detach(), inputs_embeds)
+        return inputs_embeds
 
     def _visual_graph_anchor(self, like: torch.Tensor) -> torch.Tensor:
         """Zero, but connected to every trainable visual module: a text-only training batch then still gives
@@ -232,6 +305,7 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         return sum(t.float().sum() for t in terms).to(like.dtype) * 0.0
 
     # -- forward ------------------------------------------------------------------------------------------
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -249,7 +323,7 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
-    ) -> MGLlavaCausalLMOutput:
+    ) -> MGLlavaCausalLMOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
@@ -259,12 +333,21 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         image_out = (mm_encoder_outputs or {}).get("image")
         if image_out is None and pixel_values is not None:
             image_out = self.get_image_features(
-                pixel_values, high_res_pixel_values, object_boxes, object_counts
+                pixel_values,
+                high_res_pixel_values,
+                object_boxes,
+                object_counts,
+                output_hidden_states=kwargs.get("output_hidden_states"),
+                output_attentions=kwargs.get("output_attentions"),
+                return_dict=True,
             )
+        placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
         if image_out is not None:
-            inputs_embeds = self._scatter_visual_rows(input_ids, inputs_embeds, list(image_out.pooler_output))
+            inputs_embeds = self._scatter_visual_rows(
+                placeholders, inputs_embeds, list(image_out.pooler_output)
+            )
         else:
-            self._check_no_placeholders(input_ids, cache)
+            inputs_embeds = self._placeholders_without_images(placeholders, inputs_embeds, cache)
             if self.training and torch.is_grad_enabled():
                 inputs_embeds = inputs_embeds + self._visual_graph_anchor(inputs_embeds)
         out = self.language_model(
@@ -272,16 +355,25 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
         return MGLlavaCausalLMOutput(
-            loss=out.loss,
+            loss=self._loss(out.logits, labels, kwargs) if labels is not None else None,
             logits=out.logits,
             cache=out.cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             image_outputs=image_out,
+        )
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The LLM's own loss function (shifted cross-entropy, `num_items_in_batch` honoured) over the LLM's
+        vocabulary: the placeholder's column is masked out (`mask_placeholder`), as the reference has none."""
+        return self.language_model.loss_function(
+            logits=mask_placeholder(logits, self.config.image_token_id),
+            labels=labels,
+            vocab_size=self.config.text_config.vocab_size,
+            **kwargs,
         )
