@@ -10,10 +10,10 @@ import time
 import httpx
 import pytest
 
-from mgllava.boxes.files import sha256_file
 from mgllava.cli import main
 from mgllava.convert.folder import write_folder
 from mgllava.inference import Engine, GenerationSettings
+from mgllava.utils.hashing import sha256_file
 
 from .formats import write_video
 from .serving import scene, tiny_parts

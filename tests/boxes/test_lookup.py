@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mgllava.boxes import BoxLookup, ImageKey, MissingBoxes
-from mgllava.boxes.files import sha256_file
+from mgllava.utils.hashing import sha256_file
 
 
 def box_file(tmp_path, records):

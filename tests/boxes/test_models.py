@@ -18,13 +18,14 @@ from mgllava.boxes import (
     Owlv2Detector,
     load_vocabulary,
 )
-from mgllava.boxes.files import BoxRecord, sha256_file
+from mgllava.boxes.files import BoxRecord
 from mgllava.boxes.lookup import BoxLookup, ImageKey
 from mgllava.boxes.proposer import content_key
 from mgllava.boxes.select import FrameMap, prepare_boxes
 from mgllava.boxes.taggers import RamPlusTagger, parse_ram_tags
 from mgllava.data.image_processor import MGLlavaImageProcessor
 from mgllava.data.processor import MGLlavaProcessor
+from mgllava.utils.hashing import sha256_file
 
 TAGS = ["cat", "dog", "traffic light"]
 

@@ -75,6 +75,10 @@ def test_continuation_scores_equal_a_plain_forward_and_know_greedy_tokens(engine
     assert scores[1].greedy and scores[1].logprob < 0
     with pytest.raises(ValueError, match="at least one token"):
         score_continuations(engine, [(prepared[0][0], [])])
+    too_long = [5] * (engine.context_length - len(prepared[0][0].input_ids) + 1)
+    with pytest.raises(ValueError, match="exceeds the model's context") as refused:
+        score_continuations(engine, [(prepared[0][0], too_long)])
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_box_finder_names_the_box_file_and_its_misses(tmp_path):

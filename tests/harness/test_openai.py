@@ -11,10 +11,11 @@ import pytest
 
 from mgllava.boxes import Boxes
 from mgllava.boxes.cli import proposer_from_args
-from mgllava.boxes.files import BoxRecord, sha256_bytes
+from mgllava.boxes.files import BoxRecord
 from mgllava.inference import Engine, GenerationSettings
 from mgllava.serve import ServerSettings, create_app
 from mgllava.serve.background import serve_in_thread
+from mgllava.utils.hashing import sha256_bytes
 
 from ..serving import png_bytes, scene, tiny_parts
 

@@ -17,7 +17,6 @@ id); records without any id cannot be expressed in that form and are left out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +24,6 @@ from typing import Any
 
 from ..utils.io import read_jsonl
 from .types import Boxes
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _boxes_from(obj: dict[str, Any], where: str) -> Boxes:

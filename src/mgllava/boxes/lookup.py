@@ -28,7 +28,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .files import BoxIndex, BoxRecord, sha256_bytes, sha256_file
+from ..utils.hashing import sha256_bytes, sha256_file
+from .files import BoxIndex, BoxRecord
 from .types import Boxes
 
 EXAMPLES = 10  # missed keys kept for the report

@@ -17,7 +17,6 @@ means "no boxes". The proposer is runtime state: `save_pretrained` leaves it out
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from ..utils.hashing import pixels_sha256
 from .lookup import BoxLookup, ImageKey
 from .taggers import Tagger
 from .types import Boxes
@@ -45,9 +45,7 @@ def content_key(key: ImageKey, rgb: Image.Image) -> str:
     """sha256 of the encoded file when known, else of the decoded RGB pixels."""
     if key.sha256 is not None:
         return key.sha256
-    digest = hashlib.sha256(f"{rgb.mode}:{rgb.size[0]}x{rgb.size[1]}:".encode())
-    digest.update(rgb.tobytes())
-    return "pixels:" + digest.hexdigest()
+    return "pixels:" + pixels_sha256(rgb)
 
 
 class BoxProposer:

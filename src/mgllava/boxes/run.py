@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from ..media.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..utils import dist
+from ..utils.hashing import sha256_bytes, sha256_file
 from ..utils.io import JsonlWriter, atomic_open
 from .detector import Owlv2Detector
-from .files import BoxRecord, sha256_bytes, sha256_file, to_reference_json
+from .files import BoxRecord, to_reference_json
 from .inputs import ImageItem, Scan, scan_input
 from .taggers import Tagger
 

@@ -47,10 +47,10 @@ from ..data.templates import check_tokenizer, get_template
 from ..model.configuration import MGLlavaConfig
 from ..model.encoders import HighResEncoder
 from ..model.fusion import build_fusion
+from ..model.generation import configure_generation
 from ..model.modeling import MGLlavaForConditionalGeneration
 from ..model.object_tokens import ObjectMixer
 from ..model.projector import build_projector
-from .folder import configure_generation
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..boxes.files import sha256_file
+from ..utils.hashing import sha256_file
 from ..utils.io import atomic_write_json, atomic_write_text
 from .annotations import Annotation, annotate
 from .detector import DetectorModel, SceneObject, is_found

@@ -47,6 +47,8 @@ def score_continuations(
         return []
     if any(len(cont) == 0 for _, cont in batch):
         raise ValueError("a continuation to score must have at least one token")
+    for prepared, cont in batch:
+        engine.check_length(prepared.input_ids, len(cont), bool(prepared.video))
     sequences = [list(p.input_ids) + list(cont) for p, cont in batch]
     ids, mask = engine.left_pad(sequences)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

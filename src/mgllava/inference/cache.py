@@ -1,13 +1,12 @@
 """A thread-safe LRU cache bounded by total bytes, for per-image visual rows, proposed boxes and the KV
 cache of earlier turns (`prefix.PrefixCache`).
 
-Keys are content digests (`digest`), so the same image given as a path, bytes or a data URL hits the
+Keys are content digests (`utils.hashing.digest`), so the same image given as a path, bytes or a data URL hits the
 same entry, and a conversation's images are encoded once however many turns re-send them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,23 +14,11 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from ..utils.hashing import digest
+
+__all__ = ["LRUCache", "digest", "tensor_bytes"]
+
 V = TypeVar("V")
-
-
-def digest(*parts: torch.Tensor | bytes | str) -> str:
-    """Hex digest of tensors (dtype, shape and values), bytes and strings, in order."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            t = part.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
-        elif isinstance(part, str):
-            h.update(part.encode())
-        else:
-            h.update(part)
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 def tensor_bytes(value: Any) -> int:

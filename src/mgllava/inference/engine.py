@@ -56,10 +56,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..boxes import Boxes, BoxProposer
 from ..boxes.lookup import ImageKey
-from ..convert.folder import configure_generation
 from ..data.processor import images_in_messages, pad_batch
 from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
+from ..model.generation import configure_generation
 from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
 from .decoding import Request, RunningBatch
@@ -213,7 +213,7 @@ class Engine:
         frames, frame_boxes, frame_origins = self._load_video(video, video_boxes)
         batch = self._encode(messages, pil, raw_boxes, frames, frame_boxes)
         ids = batch["input_ids"][0].tolist()
-        self._check_length(ids, settings, bool(frames))
+        self.check_length(ids, settings.max_new_tokens, bool(frames))
         image_report = [
             self._report(img, b, origin, video=False)
             for img, b, origin in zip(pil, raw_boxes, origins, strict=True)
@@ -356,8 +356,10 @@ class Engine:
         except ValueError as err:
             raise EngineInputError(str(err), "messages") from err
 
-    def _check_length(self, ids: list[int], settings: GenerationSettings, has_video: bool) -> None:
-        total = len(ids) + settings.max_new_tokens
+    def check_length(self, ids: list[int], new_tokens: int, has_video: bool = False) -> None:
+        """The one context rule: prompt `ids` and `new_tokens` more must fit the model's context, else an
+        `EngineInputError` (`context_length_exceeded`) that counts them (generation and likelihood scoring)."""
+        total = len(ids) + new_tokens
         if total > self.context_length:
             visual = sum(1 for t in ids if t == self.model.config.image_token_id)
             hint = ""
@@ -367,9 +369,9 @@ class Engine:
                     "models set (preset mgllava-vicuna-7b-video, or `mgllava assemble --context-length`)"
                 )
             raise EngineInputError(
-                f"the prompt has {len(ids)} tokens ({visual} visual rows) and max_new_tokens is "
-                f"{settings.max_new_tokens}: {total} exceeds the model's context of {self.context_length} tokens"
-                + hint,
+                f"the prompt has {len(ids)} tokens ({visual} visual rows) and {new_tokens} more are asked for "
+                f"(max_new_tokens, or a continuation to score): {total} exceeds the model's context of "
+                f"{self.context_length} tokens" + hint,
                 "max_tokens",
                 "context_length_exceeded",
             )

@@ -27,14 +27,14 @@ Used by the thread that holds the engine's model lock.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from .cache import LRUCache, digest
+from ..utils.hashing import chained, digest
+from .cache import LRUCache
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, kv_heads, n, head_dim)
 BLOCK = 16  # tokens per indexed block
@@ -161,11 +161,4 @@ class PrefixCache:
 
 def _chain(content: torch.Tensor) -> list[str]:
     """Digests of the first 1, 2, ... full blocks of `content`, each chaining the one before."""
-    h = hashlib.blake2b(digest_size=16)
-    data = content.numpy().tobytes()
-    step = BLOCK * content.element_size()
-    out = []
-    for start in range(0, len(data) - step + 1, step):
-        h.update(data[start : start + step])
-        out.append(h.copy().hexdigest())
-    return out
+    return chained(content.numpy().tobytes(), BLOCK * content.element_size())

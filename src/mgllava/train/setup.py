@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..convert.folder import configure_generation
 from ..data.processor import MGLlavaProcessor
 from ..model.configuration import MGLlavaConfig
+from ..model.generation import configure_generation
 from ..model.modeling import MODULES, MGLlavaForConditionalGeneration
 from ..utils import dist
 from .config import TrainConfig
