@@ -27,6 +27,7 @@ from PIL import Image
 
 from mgllava.cli import build_parser, server_settings
 from mgllava.convert.folder import write_folder
+from mgllava.inference.decoding import RunningBatch
 from mgllava.serve import create_app
 from mgllava.serve.background import serve_in_thread
 
@@ -175,6 +176,8 @@ def streamed_text(http: httpx.Client, base: str, body: dict) -> tuple[int, str]:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 event = json.loads(line[6:])
+                if "error" in event:  # generation failed after the stream began
+                    return 500, event
                 text += [c["delta"].get("content") or "" for c in event["choices"]]
     return 200, "".join(text)
 
@@ -251,7 +254,16 @@ def quiet(base: str, timeout_s: float = 60) -> dict:
         time.sleep(0.1)
 
 
-def burst(base: str, process: psutil.Process, alone: list[str], size: int, where: str) -> None:
+def burst(
+    base: str,
+    process: psutil.Process,
+    alone: list[str],
+    size: int,
+    where: str,
+    faulty: frozenset[int] = frozenset(),
+) -> None:
+    """`faulty`: the valid requests (by index) that a test made fail while generated: they must get 500
+    `generation_failed` (streamed: an error event), and every other request its answer alone."""
     valid, hostile = valid_requests(), hostile_requests(base)
     leaving = size // 8
     n_hostile = size // 2 - leaving  # 32: the first 12 (every limit); 64: all 22 and two again
@@ -291,7 +303,10 @@ def burst(base: str, process: psutil.Process, alone: list[str], size: int, where
         after = quiet(base)
 
     for (kind, k), result in zip(jobs, results, strict=True):
-        if kind == "valid":
+        if kind == "valid" and k in faulty:
+            status, answer = result
+            assert status == 500 and answer["error"]["code"] == "generation_failed", (k, answer)
+        elif kind == "valid":
             status, answer = result
             assert status == 200, (k, answer)
             text = answer if isinstance(answer, str) else answer["choices"][0]["message"]["content"]
@@ -320,6 +335,40 @@ def burst(base: str, process: psutil.Process, alone: list[str], size: int, where
 def test_a_burst_of_32_in_process(in_process):
     base, process = in_process
     burst(base, process, one_by_one(base), 32, "in-process")
+
+
+@pytest.mark.parametrize("point", ["decode", "nan_logits", "sample"])
+def test_a_burst_of_32_with_a_faulty_request_in_process(in_process, monkeypatch, point):
+    """One valid request ("What shape is it?", streamed, and repeated in the burst) fails at `point` every time
+    it runs; the burst's other requests, /health and the memory bound hold as without the fault."""
+    base, process = in_process
+    alone = one_by_one(base)
+    make_row, forward, choose = RunningBatch._row, RunningBatch._forward, RunningBatch._choose
+
+    def row(self, request):
+        made = make_row(self, request)
+        made.faulty = "What shape is it?" in self.engine.decode(made.prepared.input_ids)
+        return made
+
+    def faulty_forward(self, rows, ids, *args, **kwargs):
+        hit = [i for i, r in enumerate(rows) if r.faulty]
+        if hit and ids.shape[1] == 1 and point == "decode":
+            raise RuntimeError("injected decode fault")
+        cache, logits = forward(self, rows, ids, *args, **kwargs)
+        if hit and point == "nan_logits":
+            logits = logits.clone()
+            logits[hit] = float("nan")
+        return cache, logits
+
+    def faulty_choose(self, r, scores, greedy):
+        if r.faulty and point == "sample":
+            raise RuntimeError("injected sampling fault")
+        return choose(self, r, scores, greedy)
+
+    monkeypatch.setattr(RunningBatch, "_row", row)
+    monkeypatch.setattr(RunningBatch, "_forward", faulty_forward)
+    monkeypatch.setattr(RunningBatch, "_choose", faulty_choose)
+    burst(base, process, alone, 32, f"in-process, {point} fault", faulty=frozenset({1}))
 
 
 @pytest.mark.slow
