@@ -11,6 +11,7 @@ appends what was measured as JSON lines (docs/server.md quotes them).
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,27 +54,70 @@ def in_process():
         yield base, psutil.Process()
 
 
+def start_server(root: Path, *flags: str) -> tuple[subprocess.Popen, str, object]:
+    """`python -m mgllava.cli serve` on a free loopback port: (process, base URL, its log file)."""
+    if not (root / "tiny").exists():
+        write_folder(*tiny_parts(), root / "tiny")
+    log = (root / "server.log").open("w+")
+    command = [sys.executable, "-m", "mgllava.cli", "serve", "--model", str(root / "tiny"), "--device", "cpu",
+               "--port", "0", *flags]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    port, deadline = None, time.monotonic() + 180
+    while port is None and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        for line in Path(log.name).read_text().splitlines():
+            if "Uvicorn running on" in line:
+                port = int(line.rsplit(":", 1)[1].split()[0])
+    assert port is not None, Path(log.name).read_text()[-3000:]
+    return process, f"http://127.0.0.1:{port}", log
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base URL, psutil.Process) of `python -m mgllava.cli serve` on a free loopback port."""
-    root = tmp_path_factory.mktemp("faults")
-    write_folder(*tiny_parts(), root / "tiny")
-    log = (root / "server.log").open("w+")
-    command = [sys.executable, "-m", "mgllava.cli", "serve", "--model", str(root / "tiny"), "--device", "cpu",
-               "--port", "0", *FLAGS]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process, base, log = start_server(tmp_path_factory.mktemp("faults"), *FLAGS)
     try:
-        port, deadline = None, time.monotonic() + 180
-        while port is None and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-            for line in Path(log.name).read_text().splitlines():
-                if "Uvicorn running on" in line:
-                    port = int(line.rsplit(":", 1)[1].split()[0])
-        assert port is not None, Path(log.name).read_text()[-3000:]
-        yield f"http://127.0.0.1:{port}", psutil.Process(process.pid)
+        yield base, psutil.Process(process.pid)
     finally:
         process.terminate()
         process.wait(30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_within_twice_the_shutdown_timeout_with_streams_in_flight(tmp_path):
+    shutdown = 2.0
+    process, base, log = start_server(tmp_path, "--model-name", "tiny", "--max-tokens", "400",
+                                      "--shutdown-timeout-s", str(shutdown))  # fmt: skip
+    started, outcomes = threading.Barrier(5), []
+
+    def stream(k: int) -> None:
+        body = {**chat(f"Tell a long story {k}."), "max_tokens": 400, "stream": True}
+        try:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+                lines = response.iter_lines()
+                next(lines)
+                started.wait(30)
+                outcomes.append(sum(1 for _ in lines))
+        except httpx.HTTPError as err:  # the server went away mid-stream: an ended stream, not a hang
+            outcomes.append(type(err).__name__)
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        started.wait(60)
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(2 * shutdown + 15)  # raises if it hangs
+        took = time.monotonic() - stopping
+        for thread in threads:
+            thread.join(30)
+        assert took < 2 * shutdown + 15 and len(outcomes) == 4, (took, outcomes)
+        assert not any(thread.is_alive() for thread in threads)  # no client left hanging
+    finally:
+        if process.poll() is None:
+            process.kill()
         log.close()
 
 
