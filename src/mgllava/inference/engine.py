@@ -33,7 +33,8 @@ it runs fails alone (`requests.RequestFailed`; the rows beside it finish as they
 
 Bounded work and locks: a prompt's text is counted in characters before it is tokenised
 (`max_message_chars` per message, `max_prompt_chars` per request; by default `CHARS_PER_TOKEN` times the
-context, more than any tokenizer packs into a context's tokens, so a refused text could not have fit).
+context: prose averages about 4 characters a token, so a refused prose text could not have fit, though a
+text of long repeated runs that a tokenizer packs into single tokens can be refused while it would fit).
 Tokenising a prompt holds the preparation tokenizer's lock; decoding answers (the decode loop's
 detokeniser) uses a copy of the tokenizer with a lock of its own, so a long prompt being tokenised never
 stalls a decode step.
@@ -85,7 +86,7 @@ BOX_SETTINGS = ("box_nms_iou", "box_limit", "box_cap", "box_per_label", "box_emp
 
 FRAME_KEYS = ("pixel_values", "high_res_pixel_values", "object_boxes", "object_counts")
 SCHEDULING = ("continuous", "static")
-CHARS_PER_TOKEN = 16  # default text bound per context token: above the longest tokens of the LLMs we serve
+CHARS_PER_TOKEN = 16  # default text bound per context token: 4x prose's ~4 characters a token
 # generation-config settings that change the chosen tokens, which continuous decoding does not apply (`generate`
 # does), with their neutral values; a config setting one otherwise must be served with scheduling="static"
 UNSUPPORTED_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
