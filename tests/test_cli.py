@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from mgllava.cli import main
+from mgllava.cli import build_parser, main
 from mgllava.convert.folder import write_folder
 from mgllava.inference import Engine, GenerationSettings
 from mgllava.utils.hashing import sha256_file
@@ -118,6 +118,26 @@ def test_serve_command_answers_over_http(folder):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_serve_flags_reach_the_engine_and_uvicorn(folder, monkeypatch):
+    import uvicorn
+
+    from mgllava.inference.prefix import MIN_REUSE
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(app=app, **kwargs))
+    assert build_parser().parse_args(["serve", "--model", "x"]).prefix_min_tokens == MIN_REUSE
+    flags = ["--prefix-cache-mb", "2", "--prefix-min-tokens", "48", "--max-prompt-chars", "999",
+             "--max-message-chars", "500", "--shutdown-timeout-s", "3", "--body-timeout-s", "4"]  # fmt: skip
+    assert main(["serve", "--model", str(folder / "tiny"), "--device", "cpu", *flags]) == 0
+    server = ran["app"].state.server
+    engine = server.engine
+    assert engine.prefixes.entries.max_bytes == 2 << 20 and engine.prefixes.min_tokens == 48
+    assert (engine.max_prompt_chars, engine.max_message_chars) == (999, 500)
+    assert ran["timeout_graceful_shutdown"] == 3 and server.settings.body_timeout_s == 4
+    main(["serve", "--model", str(folder / "tiny"), "--device", "cpu", "--prefix-cache-mb", "0"])
+    assert ran["app"].state.server.engine.prefixes is None
 
 
 def test_chat_proposes_boxes_with_a_detector(folder, box_models, capsys):

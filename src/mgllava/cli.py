@@ -128,7 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = server_settings(args)  # checked before the model loads
     engine = _engine(args, max_image_pixels=args.max_image_pixels, max_prompt_chars=args.max_prompt_chars,
-                     max_message_chars=args.max_message_chars)  # fmt: skip
+                     max_message_chars=args.max_message_chars, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
+                     prefix_min_tokens=args.prefix_min_tokens)  # fmt: skip
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=settings.shutdown_timeout_s)  # fmt: skip
     return 0
@@ -212,6 +213,18 @@ def _add_serve(sub) -> None:
     )
     limits.add_argument(
         "--body-timeout-s", type=float, default=10.0, help="the whole body must arrive within this (else 408)"
+    )
+    serve.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=1024.0,
+        help="earlier turns' KV caches kept for reuse, on the model's device (0: none)",
+    )
+    serve.add_argument(
+        "--prefix-min-tokens",
+        type=int,
+        default=128,
+        help="shorter shared prefixes are recomputed, not reused",
     )
     serve.add_argument(
         "--shutdown-timeout-s",
