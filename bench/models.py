@@ -117,7 +117,8 @@ def prefill_inputs(config: MGLlavaConfig, shape: PrefillShape, seed: int = 0) ->
 
 
 def ours_parts(model: MGLlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
-    return {"CLIP": [model.vision_tower], "ConvNeXt": [model.high_res_tower], "fusion": [model.fusion],
+    # the CLIP module itself: the model calls the tower's `clip_outputs`, not its forward
+    return {"CLIP": [model.vision_tower.clip], "ConvNeXt": [model.high_res_tower], "fusion": [model.fusion],
             "projectors": [model.projector, model.box_projector], "LLM": [model.language_model]}  # fmt: skip
 
 
