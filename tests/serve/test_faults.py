@@ -199,7 +199,7 @@ def hostile_requests(base: str) -> list[tuple[str, bytes | dict, int, str]]:
         ("file url", chat("File?", "file:///etc/passwd"), 400, "invalid_image_url"),
         ("garbage base64", chat("B64?", "data:image/png;base64,@@@"), 400, "invalid_image"),
         ("truncated png", chat("Cut?", truncated_png()), 400, "invalid_image"),
-        ("context", chat("word " * 50_000), 400, "invalid_request"),  # over the processor's max_length
+        ("context", chat("word " * 50_000), 400, "prompt_too_long"),  # over the characters per message
         ("negative max_tokens", {**chat("x"), "max_tokens": -5}, 400, "invalid_request"),
         ("no messages", {**chat("x"), "messages": []}, 400, "invalid_request"),
         ("wrong model", {**chat("x"), "model": "gpt-4o"}, 404, "model_not_found"),
