@@ -5,6 +5,7 @@ the test controls, to HTTP servers on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (all lo
 import http.server
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
@@ -15,7 +16,7 @@ import pytest
 from mgllava.inference import GenerationSettings
 from mgllava.serve import ServerSettings, create_app
 from mgllava.serve.background import serve_in_thread
-from mgllava.serve.fetch import AddressPolicy, non_public
+from mgllava.serve.fetch import AddressPolicy, non_public, reason
 
 from ..serving import ask, data_url, png_bytes, scene, tiny_engine
 
@@ -246,3 +247,16 @@ def test_size_time_and_hop_caps(base, origins, path, status, code, fragment):
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["code"] == code and fragment in error["message"], error
+
+
+def test_a_failed_fetch_names_its_cause():
+    """httpx wraps TLS and socket errors in errors whose own message can be empty: the cause is what says why."""
+    try:
+        try:
+            raise ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate has expired")
+        except ssl.SSLError as err:
+            raise httpx.ConnectError("") from err
+    except httpx.ConnectError as err:
+        why = reason(err)
+    assert "CERTIFICATE_VERIFY_FAILED" in why and "expired" in why
+    assert reason(httpx.ConnectError("")) == "ConnectError"

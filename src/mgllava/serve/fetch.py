@@ -198,13 +198,13 @@ class ImageFetcher:
 
 def reason(err: BaseException) -> str:
     """The error and what caused it (a TLS certificate failure, a refused connection), as one line."""
-    seen, parts = set(), []
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err).strip()
+    seen, parts, link = set(), [], err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        text = str(link).strip()
         if text and text not in parts:
             parts.append(text)
-        err = err.__cause__ or err.__context__
+        link = link.__cause__ or link.__context__
     return "; ".join(parts) or type(err).__name__
 
 
