@@ -98,7 +98,8 @@ def lora_settings(config: TrainConfig):
 
 
 def add_lora(llm: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
-    """LoRA adapters on the LLM (PEFT); for QLoRA the 4-bit LLM is first made trainable-ready."""
+    """LoRA adapters on the LLM's decoder (`model.language_model`, a plain PEFT model: the LM head is outside
+    it); for QLoRA the 4-bit decoder is first made trainable-ready."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if config.stage.lora.quantize_4bit:
