@@ -76,8 +76,8 @@ def build_peer(ours: MGLlavaForConditionalGeneration) -> LlavaForConditionalGene
     peer.model.vision_tower = ours.vision_tower.clip
     peer.model.multi_modal_projector.linear_1 = ours.projector[0]
     peer.model.multi_modal_projector.linear_2 = ours.projector[2]
-    peer.model.language_model = ours.language_model.model
-    peer.lm_head = ours.language_model.lm_head
+    peer.model.language_model = ours.model.language_model
+    peer.lm_head = ours.lm_head
     left = [name for name, t in [*peer.named_parameters(), *peer.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"the peer still has meta tensors: {left[:5]}")
@@ -119,7 +119,7 @@ def prefill_inputs(config: MGLlavaConfig, shape: PrefillShape, seed: int = 0) ->
 def ours_parts(model: MGLlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
     # the CLIP module itself: the model calls the tower's `clip_outputs`, not its forward
     return {"CLIP": [model.vision_tower.clip], "ConvNeXt": [model.high_res_tower], "fusion": [model.fusion],
-            "projectors": [model.projector, model.box_projector], "LLM": [model.language_model]}  # fmt: skip
+            "projectors": [model.projector, model.box_projector], "LLM": [model.model.language_model, model.lm_head]}  # fmt: skip
 
 
 def peer_parts(model: LlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:

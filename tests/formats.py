@@ -167,12 +167,20 @@ REFERENCE_NAMES = (
 )
 
 
+def flat_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict under the keys its folders hold (`language_model.model.*`, `fusion.*`, ...):
+    `save_pretrained`'s own renaming, reverting the key map."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())
+
+
 def reference_state(model) -> dict[str, torch.Tensor]:
     """The model's new modules and LLM under the reference's XTuner key names, with DeepSpeed's `module.`
     prefix; the LLM's vocabulary without our `<image>` row, as the reference's LLM has none."""
     placeholder = model.config.image_token_id
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in flat_state_dict(model).items():
         for ours, theirs in REFERENCE_NAMES:
             if key.startswith(ours):
                 if (

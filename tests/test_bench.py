@@ -56,7 +56,7 @@ def test_flop_formulas_equal_flop_counter_part_by_part(eager_tiny):
         lambda: (model.projector(fused), model.box_projector(torch.randn(6, config.object_feature_dim)))
     )
     assert projected == want["projectors"]
-    assert counted(lambda: model.language_model(inputs_embeds=embeds)) == want["LLM"]
+    assert counted(lambda: model.lm_head(model.language_model(inputs_embeds=embeds)[0])) == want["LLM"]
     pooled = counted(
         lambda: [pool_object_features([s[i] for s in stages], b, size) for i, b in enumerate(boxes)]
     )
@@ -70,8 +70,8 @@ def test_llava_flops_and_decode_bytes_follow_the_peer_and_the_llm(eager_tiny):
     shape = flops.PrefillShape(images=1, text_tokens=9)
     _, batch = models.prefill_inputs(config, shape)
     assert counted(lambda: peer(**batch)) == sum(flops.llava_flops(config, shape).values())
-    llm = eager_tiny.language_model
-    streamed = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n)
+    llm = [*eager_tiny.language_model.named_parameters(), *eager_tiny.lm_head.named_parameters()]
+    streamed = sum(p.numel() for n, p in llm if "embed_tokens" not in n)
     assert flops.decode_weight_bytes(config.text_config, 2) == 2 * streamed
 
 
@@ -79,8 +79,8 @@ def test_peer_shares_our_modules_and_gives_our_logits_without_boxes():
     config = models.bench_config(quick=True)
     ours = models.build_ours(config)
     peer = models.build_peer(ours)
-    assert peer.model.language_model is ours.language_model.model
-    assert peer.lm_head is ours.language_model.lm_head
+    assert peer.model.language_model is ours.model.language_model
+    assert peer.lm_head is ours.lm_head
     mine, theirs = models.prefill_inputs(config, flops.PrefillShape(1, 0, 12))
     with torch.inference_mode():
         torch.testing.assert_close(ours(**mine).logits, peer(**theirs).logits)

@@ -8,6 +8,7 @@ saved MG-LLaVA folder.
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -16,11 +17,12 @@ from transformers import (
 from .data.image_processor import MGLlavaImageProcessor
 from .data.processor import MGLlavaProcessor
 from .model.configuration import MGLlavaConfig
-from .model.modeling import MGLlavaForConditionalGeneration
+from .model.modeling import MGLlavaForConditionalGeneration, MGLlavaModel
 
 __version__ = "0.1.0"
 
 AutoConfig.register("mg_llava", MGLlavaConfig, exist_ok=True)
+AutoModel.register(MGLlavaConfig, MGLlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(MGLlavaConfig, MGLlavaForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(MGLlavaConfig, MGLlavaForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(
@@ -30,4 +32,10 @@ AutoImageProcessor.register(
 )
 AutoProcessor.register(MGLlavaConfig, MGLlavaProcessor, exist_ok=True)
 
-__all__ = ["MGLlavaConfig", "MGLlavaForConditionalGeneration", "MGLlavaImageProcessor", "MGLlavaProcessor"]
+__all__ = [
+    "MGLlavaConfig",
+    "MGLlavaForConditionalGeneration",
+    "MGLlavaImageProcessor",
+    "MGLlavaModel",
+    "MGLlavaProcessor",
+]

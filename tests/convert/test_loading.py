@@ -132,13 +132,13 @@ def test_reference_checkpoint_round_trip(tiny_components, tmp_path):
         for p in source.parameters():  # make the new modules distinct from any fresh init
             p.add_(torch.randn_like(p) * 0.01)
         source.language_model.get_input_embeddings().weight[-1] = 0
-        source.language_model.lm_head.weight[-1] = 0
+        source.lm_head.weight[-1] = 0
     pth = tmp_path / "mg_llava.pth"
     state = formats.reference_state(source)
     torch.save({"state_dict": state}, pth)
     loaded, _ = assemble(**tiny_components, template="vicuna", high_res_image_size=128, reference=pth)
     for name, value in source.state_dict().items():
-        if not name.startswith(("vision_tower.", "high_res_tower.")):
+        if not name.startswith(("model.vision_tower.", "model.high_res_tower.")):
             assert torch.equal(loaded.state_dict()[name], value), name
     state["module.llm.model.norm.extra"] = torch.zeros(1)
     del state["module.fuse_module.gate.0.bias"]

@@ -418,7 +418,7 @@ def test_reference_is_unpickled_once(tiny_components, tmp_path):
                             high_res_image_size=HIGH_RES)  # fmt: skip
     assert [Path(c.args[0]) for c in load.call_args_list].count(pth) == 1
     assert torch.equal(model.fusion.slow_proj.weight, state["fuse_module.slow_proj.weight"])
-    assert torch.equal(model.language_model.model.norm.weight, state["llm.model.norm.weight"])
+    assert torch.equal(model.language_model.norm.weight, state["llm.model.norm.weight"])
 
 
 def test_stage1_reference_without_llm_keeps_the_folders_llm(tiny_components, tmp_path, caplog):
@@ -431,5 +431,5 @@ def test_stage1_reference_without_llm_keeps_the_folders_llm(tiny_components, tmp
                             high_res_image_size=HIGH_RES)  # fmt: skip
     assert "has no llm.* weights" in caplog.text
     folder = AutoModelForCausalLM.from_pretrained(llm)
-    assert torch.equal(model.language_model.model.norm.weight, folder.model.norm.weight)
+    assert torch.equal(model.language_model.norm.weight, folder.model.norm.weight)
     assert torch.equal(model.projector[0].weight, state["projector.model.0.weight"])

@@ -37,7 +37,10 @@ def test_raw_text_expands_each_image_tag(processor):
 def test_raw_text_equals_chat_template_for_one_turn(processor):
     messages = [{"role": "user", "content": "<image>\nWhat?"}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    a = processor(text=prompt, images=[image()])
+    assert prompt.startswith(
+        processor.tokenizer.bos_token
+    )  # the chat template writes BOS, as HF templates do
+    a = processor(text=prompt, images=[image()], add_special_tokens=False)
     b = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, images=[image()]
     )

@@ -189,3 +189,19 @@ def test_generation_settings_are_validated():
             GenerationSettings(**bad)
     assert GenerationSettings(temperature=0.7, seed=1).batch_key() is None
     assert GenerationSettings().batch_key() == GenerationSettings(max_new_tokens=3).batch_key()
+
+
+def test_from_pretrained_passes_device_map_and_max_memory_through(tiny_folder):
+    from transformers import AutoModelForImageTextToText
+
+    from mgllava.inference import Engine
+
+    load = AutoModelForImageTextToText.from_pretrained
+    with mock.patch.object(AutoModelForImageTextToText, "from_pretrained", wraps=load) as spy:
+        engine = Engine.from_pretrained(
+            tiny_folder, device="meta", device_map={"": "cpu"}, max_memory={"cpu": "2GB"}
+        )
+    assert spy.call_args.kwargs["device_map"] == {"": "cpu"}
+    assert spy.call_args.kwargs["max_memory"] == {"cpu": "2GB"}
+    # the model stays where the map put it (`device` is not applied on top)
+    assert {p.device.type for p in engine.model.parameters()} == {"cpu"}

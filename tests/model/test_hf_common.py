@@ -227,7 +227,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tester):
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     plain, checkpointed = gradients(False), gradients(True)
-    assert plain.keys() == checkpointed.keys() and any(k.startswith("projector.") for k in plain)
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("model.projector.") for k in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -242,7 +242,8 @@ def test_generate_from_embeddings_equals_from_ids(tester, model_and_inputs):
     model, inputs = model_and_inputs
     from_ids = greedy(model, **inputs)[:, inputs["input_ids"].shape[1] :]
     embeds = model.get_input_embeddings()(inputs["input_ids"])
-    with mock.patch.object(model, "get_image_features", wraps=model.get_image_features) as encode:
+    base = model.base_model  # generate encodes through the base model, as for LLaVA
+    with mock.patch.object(base, "get_image_features", wraps=base.get_image_features) as encode:
         from_embeds = greedy(model, inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                              **tester.image_inputs(inputs))  # fmt: skip
     assert encode.call_count == 1  # the images were encoded once, before prefill, and spliced in

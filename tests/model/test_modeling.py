@@ -229,7 +229,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     plain, ckpt = grads(False), grads(True)
-    assert plain.keys() == ckpt.keys() and any(k.startswith("fusion.") for k in plain)
+    assert plain.keys() == ckpt.keys() and any(k.startswith("model.fusion.") for k in plain)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5)
 

@@ -92,7 +92,7 @@ def test_every_new_module_can_be_named_in_a_stage_and_trains(fusion, objects):
     torch.manual_seed(0)
     config = MGLlavaConfig.from_preset("tiny", fusion=fusion, object_tokens=objects)
     model = MGLlavaForConditionalGeneration(config)
-    own = [n for n, m in model.named_children() if n not in PRETRAINED_MODULES and list(m.parameters())]
+    own = [n for n, m in model.model.named_children() if n not in PRETRAINED_MODULES and list(m.parameters())]
     assert own and set(own) <= set(NEW_MODULES) and own == model.new_modules()
     processor = MGLlavaProcessor.for_config(config, MGLlavaProcessor.from_preset("tiny").tokenizer, "vicuna")
     image = Image.new("RGB", (70, 50), (200, 40, 40))
@@ -103,8 +103,9 @@ def test_every_new_module_can_be_named_in_a_stage_and_trains(fusion, objects):
         stage = StageConfig("s", names, lr=1e-2, global_batch_size=1, per_device_batch_size=1)
         table = apply_stage(model, stage)
         expected = own if names == ["new_modules"] else names
-        for name, module in model.named_children():
-            assert all(p.requires_grad == (name in expected) for p in module.parameters()), (names, name)
+        for name, modules in model.named_parts().items():
+            params = [p for module in modules for p in module.parameters()]
+            assert all(p.requires_grad == (name in expected) for p in params), (names, name)
             if name in expected:
                 assert f"\n{name} " in table
         params = [p for p in model.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ from mgllava.config import ConfigError, load_config
 from mgllava.train.config import TrainConfig
 from mgllava.train.sampler import epoch_order, micro_batches, padding_fraction
 
-from .. import synth
+from .. import formats, synth
 
 
 def test_paper_presets_load_with_overrides():
@@ -95,7 +95,7 @@ def test_stage1_then_stage2_single_process(data, tmp_path):
     torch.manual_seed(0)  # the tiny preset's initial weights, as the trainer built them (seed 0)
     from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration
 
-    initial = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("tiny")).state_dict()
+    initial = formats.flat_state_dict(MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("tiny")))
     changed = {k for k in stage1 if not torch.equal(stage1[k], initial[k])}
     assert changed and all(k.startswith(("fusion.", "projector.", "box_projector.")) for k in changed)
     assert main(["train", "tiny-stage2", src, f"output_dir={tmp_path}/s2", f"init_from={tmp_path}/s1/final",
@@ -178,7 +178,7 @@ def test_qlora_trains_4bit_llm_adapters_and_exports_merged_full_precision(data, 
                                                       "max_steps=2", "stage.lora.r=4", "stage.lora.quantize_4bit=true",
                                                       "stage.lr=1e-2"])  # fmt: skip
     trainer = Trainer(config)
-    layers = trainer.plain_model.language_model.base_model.model.model.layers
+    layers = trainer.plain_model.language_model.base_model.model.layers
     assert type(layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     assert type(trainer.plain_model.projector[0]).__name__ == "Linear"  # new modules stay full precision
     trainer.run()

@@ -354,7 +354,7 @@ def assemble(
             "%s has no llm.* weights (a stage-1 checkpoint): the LLM is the folder's %s", reference, llm
         )
         llm_state = None
-    model.language_model = _load_llm(llm, text_config, llm_state, reference, dtype)
+    model.set_causal_lm(_load_llm(llm, text_config, llm_state, reference, dtype))
     del llm_state
     _fresh_new_modules(model, config, dtype)
     if ref_state is not None:

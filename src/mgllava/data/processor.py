@@ -6,7 +6,10 @@ Two ways in:
   reference does) and every `<image>` becomes `num_image_tokens + n_i` placeholder tokens.
 - `processor.apply_chat_template(messages, tokenize=True, return_dict=True, images=..., boxes=...)`: the
   exact reference encoding of a conversation through the model's chat template (`data.templates`), with
-  training `labels`; `tokenize=False` returns the prompt string for display.
+  training `labels`; `tokenize=False` returns the prompt text rendered by the processor's Jinja `chat_template`
+  (saved with the processor as `chat_template.jinja`, generated from the named template, so a plain HF user's
+  `apply_chat_template` renders it too; its one tokenisation equals the Python encoding except where the
+  tokenizer merges across the reference's piece boundaries: docs/design.md section 6.6).
 
 Batches are padded on `padding_side` ("left" for generation, "right" for training) with real attention
 masks. Sequences longer than their budget are an error, or with `truncation=True` lose text tokens from
@@ -33,13 +36,14 @@ from .templates import (
     IGNORE_INDEX,
     IMAGE_MARKER,
     IMAGE_TOKEN,
+    TEMPLATES,
     VIDEO_MARKER,
     VIDEO_TOKEN,
     check_tokenizer,
     encode_turns,
     encode_with_markers,
     get_template,
-    render,
+    jinja_chat_template,
     stop_token_ids,
     to_turns,
 )
@@ -112,6 +116,7 @@ class MGLlavaProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; add it as a special token first")
+        chat_template = chat_template or jinja_chat_template(get_template(template))
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     # -- construction -------------------------------------------------------------------------------------
@@ -350,18 +355,19 @@ class MGLlavaProcessor(ProcessorMixin):
         return_tensors: str = "pt",
         **kwargs: Any,
     ) -> Any:
-        """The model's chat template (docs/design.md section 6). `tokenize=True` gives the exact token sequence; with
-        `return_dict=True` a padded batch with `labels` and the visual tensors."""
-        template = get_template(chat_template or self.template)
+        """The model's chat template (docs/design.md section 6). `tokenize=False`: the text, rendered by the Jinja
+        `chat_template` (BOS and EOS written where the encoding puts them; `chat_template` may name one of our
+        templates or be Jinja). `tokenize=True` gives the exact token sequence through the Python encoding
+        (`encode_turns`, pieces tokenised separately as the reference does); with `return_dict=True` a padded
+        batch with `labels` and the visual tensors."""
         batched = bool(conversation) and isinstance(conversation[0], list)
         convs = conversation if batched else [conversation]
         if not tokenize:
-            rendered = []
-            for conv in convs:
-                system, turns = to_turns(conv)
-                answered = turns if add_generation_prompt else [t for t in turns if t.output is not None]
-                rendered.append(render(template, answered, system))
+            rendered = [self._render(conv, chat_template, add_generation_prompt) for conv in convs]
             return rendered if batched else rendered[0]
+        get_template(
+            chat_template or self.template
+        )  # an unknown name is refused here too (ids: self.template)
         if images is None:
             images = [i for conv in convs for i in images_in_messages(conv)]
         tags = [
@@ -379,6 +385,19 @@ class MGLlavaProcessor(ProcessorMixin):
             ids = [e["input_ids"] for e in encoded]
             return ids if batched else ids[0]
         return BatchFeature(data=self._batch(encoded, True, padding_side), tensor_type=return_tensors)
+
+    def _render(
+        self, conv: list[dict[str, Any]], chat_template: str | None, add_generation_prompt: bool
+    ) -> str:
+        to_turns(conv)  # the messages are checked as for encoding: the same errors, not a silent skip
+        if chat_template in TEMPLATES:
+            chat_template = jinja_chat_template(TEMPLATES[chat_template])
+        return self.tokenizer.apply_chat_template(
+            conv,
+            chat_template=chat_template or self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
 
     def decode_answer(self, token_ids: Any) -> str:
         """Generated ids (prompt excluded) -> answer text, stopping at the template's stop tokens."""

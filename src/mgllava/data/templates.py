@@ -11,6 +11,11 @@ Messages may be LLaVA style (`{"from": "human"|"gpt"|"system", "value": str}`) o
 reference (`llava_map_fn`), a message holding one `<image>` has it moved to its start as `<image>\\n`, and
 consecutive user messages are joined. A message with several images keeps them where they are.
 
+`jinja_chat_template` writes each template as a Jinja chat template (the processor's `chat_template`, saved
+as `chat_template.jinja`) with `bos_token`/`eos_token` where `encode_turns` puts BOS/EOS; `encode_turns` stays
+the one source of ids, since a single tokenisation of that text can differ from the reference's pieces
+(docs/design.md section 6.6 says where).
+
 phi3_chat follows the reference's own XTuner copy (`xtuner/utils/templates.py` of PhoenixZ810/MG-LLaVA, which
 its Phi-3 configs use): no newline after ``<|user|>`` or ``<|system|>``. Upstream XTuner and Phi-3's own chat
 format have one; the released MG-LLaVA Phi-3 checkpoint was trained without it (docs/design.md section 13).
@@ -18,6 +23,7 @@ format have one; the released MG-LLaVA Phi-3 checkpoint was trained without it (
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -213,20 +219,6 @@ def encode_turns(
     return ids, labels
 
 
-def render(template: ChatTemplate, turns: list[Turn], system: str | None = None) -> str:
-    """The conversation as one string, for display; `encode_turns` is the exact tokenisation."""
-    out = ""
-    for k, turn in enumerate(turns):
-        text = template.instruction.format(input=turn.input)
-        if k == 0 and system:
-            text = template.system.format(system=system) + text
-        out += text
-        if turn.output is None:
-            break
-        out += turn.output + template.suffix + template.sep
-    return out
-
-
 _MARKER = re.compile(r"<\|[^|<>]+\|>")
 
 
@@ -269,3 +261,70 @@ def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
             raise ValueError(f"template {template.name}: stop word {word!r} is not a token of this tokenizer")
         ids.append(token_id)
     return ids
+
+
+def _literal(text: str) -> str:
+    """A Jinja string literal holding `text` (JSON's escapes are Jinja's)."""
+    return json.dumps(text)
+
+
+def _halves(pattern: str, field: str) -> tuple[str, str]:
+    before, after = pattern.split("{" + field + "}")
+    return _literal(before), _literal(after)
+
+
+# `to_turns` in Jinja: roles and content parts as `_role`/`_content_text` read them, a lone `<image>` (or
+# `<video>`) moved to the front with a newline, consecutive user messages joined, an answer with no question
+# skipped; then `ns.turns` holds [input, output] pairs and `ns.pending` the question left to answer.
+_JINJA_TURNS = (
+    "{%- set ns = namespace(system='', turns=[], pending='') -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = message['role'] if message['role'] is defined else message['from'] -%}"
+    "{%- set content = message['content'] if message['content'] is defined else message['value'] -%}"
+    "{%- set part_text = namespace(text='') -%}"
+    "{%- if content is string -%}{%- set part_text.text = content -%}"
+    "{%- elif content is not none -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'text' -%}{%- set part_text.text = part_text.text + part['text'] -%}"
+    "{%- elif part['type'] in ['image', 'image_url'] -%}{%- set part_text.text = part_text.text + '<image>' -%}"
+    "{%- elif part['type'] == 'video' -%}{%- set part_text.text = part_text.text + '<video>' -%}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- set text = part_text.text -%}"
+    "{%- if role == 'system' -%}{%- set ns.system = text -%}"
+    "{%- elif role in ['user', 'human'] -%}"
+    "{%- if text.count('<image>') + text.count('<video>') == 1 -%}"
+    "{%- set tag = '<image>' if '<image>' in text else '<video>' -%}"
+    "{%- set text = (tag + '\\n' + text.replace(tag, '').strip()).strip() -%}"
+    "{%- endif -%}"
+    "{%- set ns.pending = ns.pending + text -%}"
+    "{%- elif ns.pending or ns.turns -%}"
+    "{%- set ns.turns = ns.turns + [[ns.pending, text]] -%}{%- set ns.pending = '' -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if not ns.turns and not ns.pending -%}{{ raise_exception('the conversation has no user message') }}"
+    "{%- endif -%}"
+    "{%- set turns = ns.turns + ([[ns.pending, none]] if ns.pending and add_generation_prompt else []) -%}"
+)
+
+
+def jinja_chat_template(template: ChatTemplate) -> str:
+    """`template` as a Jinja chat template (`processor.chat_template`, saved as `chat_template.jinja`): the text
+    whose pieces `encode_turns` tokenises, with `bos_token` and `eos_token` written where it puts BOS and EOS,
+    so that one tokenisation of it (`add_special_tokens=False`) gives the same ids wherever the tokenizer does
+    not merge across the piece boundaries (docs/design.md section 6.6). A trailing question is rendered only
+    with `add_generation_prompt`, as `apply_chat_template(tokenize=False)` always did."""
+    sys_pre, sys_post = _halves(template.system, "system")
+    ins_pre, ins_post = _halves(template.instruction, "input")
+    eos = "" if template.suffix_as_eos else "{{- eos_token -}}"
+    after_answer = "false" if template.suffix_as_eos else "true"
+    return (
+        _JINJA_TURNS + "{%- set state = namespace(bos=true) -%}"
+        "{%- for turn in turns -%}"
+        "{%- if state.bos and bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}"
+        f"{{%- if loop.first and ns.system -%}}{{{{- {sys_pre} + ns.system + {sys_post} -}}}}{{%- endif -%}}"
+        f"{{{{- {ins_pre} + turn[0] + {ins_post} -}}}}"
+        "{%- if turn[1] is not none -%}"
+        f"{{{{- turn[1] + {_literal(template.suffix)} -}}}}{eos}{{{{- {_literal(template.sep)} -}}}}"
+        "{%- endif -%}"
+        f"{{%- set state.bos = {after_answer} -%}}"
+        "{%- endfor -%}"
+    )

@@ -152,10 +152,14 @@ class Engine:
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
         proposer: BoxProposer | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
         **options: Any,
     ) -> Engine:
         """An engine over a saved MG-LLaVA folder (`mgllava assemble` / `write_folder` output). `dtype`: a
-        torch dtype or a name of `utils.dtypes.DTYPES`; None or "auto": as saved."""
+        torch dtype or a name of `utils.dtypes.DTYPES`; None or "auto": as saved. `device_map` (and
+        `max_memory`) go to `from_pretrained` as given (e.g. "auto" to spread the model over several GPUs,
+        no tower block split); the model then stays where they place it and `device` is not used."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from ..model.modeling import MGLlavaForConditionalGeneration
@@ -164,10 +168,12 @@ class Engine:
             raise FileNotFoundError(f"model folder {str(path)!r}: no such folder")
         if not Path(path, "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype))
+        placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype), **placement)
         if not isinstance(model, MGLlavaForConditionalGeneration):
             raise ValueError(f"{path} holds a {type(model).__name__}, not an MG-LLaVA model")
-        return cls(model.to(device), AutoProcessor.from_pretrained(path), proposer, **options)
+        model = model if device_map is not None else model.to(device)
+        return cls(model, AutoProcessor.from_pretrained(path), proposer, **options)
 
     def _set_box_settings(self, settings: dict[str, Any]) -> None:
         """Set the image processor's box fields (`BOX_SETTINGS`); ValueError on an unknown or bad one."""

@@ -1,18 +1,30 @@
-"""`MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (docs/design.md sections 1, 5, 6).
+"""`MGLlavaModel` and `MGLlavaForConditionalGeneration`: the composite MG-LLaVA model (docs/design.md
+sections 1, 5, 6), structured as transformers' LLaVA.
 
     pixel_values (B_img,3,336,336) ──► vision_tower ──► L (B_img,576,C_lo) ─┐
     high_res_pixel_values (B_img,3,768,768) ──► high_res_tower ──► S_0..S_3 ├► fusion ─► F (B_img,576,C_lo)
                                                                              │  projector ─► V (B_img,576,H)
     object_boxes (sum n_i,4), object_counts (B_img,) ──► RoI mean over S_0..S_3 ─► box_projector ─► O_i (n_i,H)
-    input_ids with [V_i O_i] placeholder runs ──► embed, scatter rows ──► language_model ──► logits
+    input_ids with [V_i O_i] placeholder runs ──► embed, scatter rows ──► language_model ──► hidden states
+                                                                          (ForConditionalGeneration) lm_head ──► logits
+
+`MGLlavaModel` holds the towers, fusion, projectors and the LLM's decoder (`AutoModel` of the text config)
+and returns hidden states; `MGLlavaForConditionalGeneration` is `model` plus a top-level `lm_head` (tied to
+the embeddings when the LLM ties them), as `LlavaModel`/`LlavaForConditionalGeneration`. The composite reads
+and assigns the base model's parts under their names (`model.vision_tower`, ..., `model.language_model`, the
+decoder) and `named_parts` gives the parts a training stage names (`language_model`: decoder and head).
+Folders in the flat layout of before (`language_model.model.*`, `language_model.lm_head.*`, `fusion.*`, ...)
+load through a registered key map, and `save_pretrained` reverts it, so folders keep that layout on disk.
 
 The processor writes one `image_token_id` per visual row (576 + n_i per image, in image order) and the
 model fills them in order; a count mismatch is an error naming both numbers. Placeholders are found through
 `input_ids`, or through `inputs_embeds` (positions holding the placeholder's embedding row) when only
 embeddings are given, as transformers' LLaVA does. `get_image_features` returns one `(576 + n_i, H)` tensor
-per image, so transformers' `generate` encodes the images once before prefill (`mm_encoder_outputs`) and
-callers may pass pre-computed features to reuse them across turns.
+per image, so transformers' `generate` encodes the images once before prefill (`mm_encoder_outputs`, through
+the base model as for LLaVA) and callers may pass pre-computed features to reuse them across turns.
 
+Deviations from LLaVA: two towers and object rows (one placeholder per visual row, not per image patch),
+and `get_image_features`' `last_hidden_state` is the projected rows, not the tower's last layer.
 Deviations from the reference (docs/design.md section 13): real attention masks and position ids for padded
 batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200, and its
 column is left out of the loss (`mask_placeholder`: the cross-entropy is the reference's, over the LLM's own
@@ -27,11 +39,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
-from transformers.utils import can_return_tuple, logging
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MGLlavaConfig
@@ -43,6 +62,11 @@ from .objects import pool_object_features
 from .projector import build_projector
 
 logger = logging.get_logger(__name__)
+
+
+class MGLlavaModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    """The base model's output: the decoder's `last_hidden_state`, `cache`, `hidden_states`, `attentions`, and
+    `image_outputs` (an `MGLlavaImageOutput`), as `LlavaModel` returns."""
 
 
 class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
@@ -81,6 +105,7 @@ MODULES = ("vision_tower", "high_res_tower", "fusion", "projector", "box_project
            "language_model")  # fmt: skip
 PRETRAINED_MODULES = ("vision_tower", "high_res_tower", "language_model")
 NEW_MODULES = tuple(m for m in MODULES if m not in PRETRAINED_MODULES)
+TOWER_BLOCKS = ("CLIPVisionEmbeddings", "CLIPEncoderLayer", "ConvNextEmbeddings", "ConvNextBlock")
 
 
 def _param_of(module: nn.Module) -> torch.Tensor:
@@ -96,14 +121,21 @@ def _zeros(module: nn.Module, *shape: int) -> torch.Tensor:
 class MGLlavaPreTrainedModel(PreTrainedModel):
     config: MGLlavaConfig
     config_class = MGLlavaConfig
-    base_model_prefix = "mg_llava"
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # The attention of CLIP and of the LLM's decoder follows `attn_implementation` (both support these); the
+    # ConvNeXt, fusion and projectors have none; the ablations' `CrossAttention` always calls torch's SDPA.
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Not one graph: the object path reads box counts on the host (`object_counts.tolist()`), checks the
+    # placeholder count against the visual rows (`int(mask.sum())`), and its shapes depend on the boxes
+    # (RoI weights per box, rows per image), so `torch.compile(fullgraph=True)` breaks there. The decoder
+    # alone is the LLM's own transformers model and compiles as that model does.
+    _can_compile_fullgraph = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if hasattr(module, "init_rule"):
@@ -117,7 +149,10 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
             )
 
 
-class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
+class MGLlavaModel(MGLlavaPreTrainedModel):
+    """The base model: vision towers, fusion, projectors and the LLM's decoder (no LM head); `forward` returns
+    the decoder's hidden states (`MGLlavaModelOutputWithPast`), as `LlavaModel` does."""
+
     MODULES = MODULES
     PRETRAINED_MODULES = PRETRAINED_MODULES
     NEW_MODULES = NEW_MODULES
@@ -137,15 +172,15 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
             else None
         )
         self.object_mixer = ObjectMixer(config.object_tokens, hidden)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        # blocks `device_map="auto"` keeps on one device (the decoder's layer comes from the decoder itself):
+        # CLIP's embeddings and layers, ConvNeXt's stem and blocks (whose residual is added in place), and
+        # the fusion and object mixer, whose forwards combine their children's outputs
+        self._no_split_modules = [*TOWER_BLOCKS, type(self.fusion).__name__, type(self.object_mixer).__name__]
         undeclared = [name for name, _ in self.named_children() if name not in self.MODULES]
         if undeclared:
             raise TypeError(f"modules {undeclared} are not declared in mgllava.model.modeling.MODULES")
         self.post_init()
-        if self.generation_config is not None and not self.generation_config.suppress_tokens:
-            self.generation_config.suppress_tokens = [
-                config.image_token_id
-            ]  # `configure_generation` keeps it
 
     def new_modules(self) -> list[str]:
         """The names of this variant's own (non-pretrained) modules that have parameters."""
@@ -158,12 +193,6 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
 
     # -- vision -------------------------------------------------------------------------------------------
     def get_object_features(
@@ -180,6 +209,7 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
                 f"object_counts sum to {sum(counts)} but object_boxes has {object_boxes.shape[0]} rows"
             )
         weight = _param_of(self.box_projector)
+        stages = [s.to(stages[0].device) for s in stages]  # stages may sit on several devices (device_map)
         per_image = object_boxes.to(stages[0].device).split(counts)
         pooled = [
             pool_object_features([s[i] for s in stages], boxes, self.high_res_tower.image_size)
@@ -318,12 +348,11 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
-    ) -> MGLlavaCausalLMOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MGLlavaModelOutputWithPast | tuple:
+        """The decoder's hidden states over the text with every image's visual rows in its placeholders."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
@@ -356,24 +385,207 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        return MGLlavaCausalLMOutput(
-            loss=self._loss(out.logits, labels, kwargs) if labels is not None else None,
-            logits=out.logits,
+        return MGLlavaModelOutputWithPast(
+            last_hidden_state=out.last_hidden_state,
             cache=out.cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             image_outputs=image_out,
         )
 
+
+class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
+    """`MGLlavaModel` (`self.model`) plus the LLM's LM head (`self.lm_head`), as `LlavaForConditionalGeneration`.
+
+    The base model's parts are reachable here under their old names (`vision_tower`, `projector`, ...,
+    `language_model`: the decoder without its head), for the callers that always read them from here."""
+
+    MODULES = MODULES
+    PRETRAINED_MODULES = PRETRAINED_MODULES
+    NEW_MODULES = NEW_MODULES
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: MGLlavaConfig) -> None:
+        super().__init__(config)
+        self.model = MGLlavaModel(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.post_init()
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            self.generation_config.suppress_tokens = [
+                config.image_token_id
+            ]  # `configure_generation` keeps it
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # `nn.Module.__setattr__` registers a module as a child of whatever object it is set on: a part of the
+        # base model assigned here (`model.fusion = ...`, `model.language_model = peft_model`) goes there
+        if name in MODULES and "model" in self._modules:
+            setattr(self.model, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def new_modules(self) -> list[str]:
+        """The names of this variant's own (non-pretrained) modules that have parameters."""
+        return self.model.new_modules()
+
+    def named_parts(self) -> dict[str, list[nn.Module]]:
+        """The model's parts by their `MODULES` name, those this variant builds: what a training stage names.
+        `language_model` is the decoder and the LM head together (the LLM as released)."""
+        children = dict(self.model.named_children())
+        parts = {name: [children[name]] for name in self.MODULES if children.get(name) is not None}
+        parts["language_model"] = [self.model.language_model, self.lm_head]
+        return parts
+
+    def set_causal_lm(self, causal_lm: PreTrainedModel) -> None:
+        """Take a causal LM's decoder and LM head as this model's LLM (`mgllava assemble` loads the LLM as
+        released, an `AutoModelForCausalLM`)."""
+        self.model.language_model = causal_lm.get_decoder()
+        self.lm_head = causal_lm.get_output_embeddings()
+
+    # -- embeddings and the base model's parts ------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.model.language_model = decoder
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        high_res_pixel_values: torch.Tensor | None = None,
+        object_boxes: torch.Tensor | None = None,
+        object_counts: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> MGLlavaImageOutput | tuple:
+        """`MGLlavaModel.get_image_features`: one (576 + n_i, H) tensor of visual rows per image."""
+        return self.model.get_image_features(
+            pixel_values,
+            high_res_pixel_values,
+            object_boxes,
+            object_counts,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+
+    def get_object_features(
+        self, stages: list[torch.Tensor], object_boxes: torch.Tensor, object_counts: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """`MGLlavaModel.get_object_features`."""
+        return self.model.get_object_features(stages, object_boxes, object_counts)
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """`MGLlavaModel.get_placeholder_mask`."""
+        return self.model.get_placeholder_mask(input_ids, inputs_embeds)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        high_res_pixel_values: torch.Tensor | None = None,
+        object_boxes: torch.Tensor | None = None,
+        object_counts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MGLlavaCausalLMOutput | tuple:
+        out = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            high_res_pixel_values=high_res_pixel_values,
+            object_boxes=object_boxes,
+            object_counts=object_counts,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,
+            **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])  # (B, T_kept, V)
+        return MGLlavaCausalLMOutput(
+            loss=self._loss(logits, labels, kwargs) if labels is not None else None,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            image_outputs=out.image_outputs,
+        )
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The LLM's own loss function (shifted cross-entropy, `num_items_in_batch` honoured) over the LLM's
+        """The causal-LM loss (shifted cross-entropy, `num_items_in_batch` honoured) over the LLM's
         vocabulary: the placeholder's column is masked out (`mask_placeholder`), as the reference has none."""
-        return self.language_model.loss_function(
+        return self.loss_function(
             logits=mask_placeholder(logits, self.config.image_token_id),
             labels=labels,
             vocab_size=self.config.text_config.vocab_size,
             **kwargs,
         )
+
+
+def _part(name: str) -> property:
+    """A read-only view on `self.model.<name>`; assignment goes there too (`__setattr__`)."""
+    return property(
+        lambda self: getattr(self.model, name), doc=f"`self.model.{name}` (the base model's part)."
+    )
+
+
+for _name in MODULES:  # vision_tower, ..., language_model: read through to the base model
+    setattr(MGLlavaForConditionalGeneration, _name, _part(_name))
+
+
+def _register_key_map() -> None:
+    """Load checkpoints in the flat layout of mg-llava before `MGLlavaModel` (`vision_tower.*`, ...,
+    `language_model.model.*`, `language_model.lm_head.*`: every folder written by `mgllava assemble`,
+    `write_folder` or training until then), as transformers maps LLaVA's old layout: the ForCG map moves
+    the parts under `model.` (and the head to `lm_head`), the base model's map drops the decoder's inner
+    `model.`. Saving reverts the map, so folders are still written in the flat layout."""
+    parts = [m for m in MODULES if m != "language_model"]
+    register_checkpoint_conversion_mapping(
+        "MGLlavaModel",
+        [WeightRenaming(source_patterns=r"^language_model\.model\.", target_patterns="language_model.")],
+        overwrite=True,
+    )
+    register_checkpoint_conversion_mapping(
+        "mg_llava",
+        [
+            WeightRenaming(source_patterns=r"^language_model\.lm_head\.", target_patterns="lm_head."),
+            WeightRenaming(source_patterns=r"^language_model\.", target_patterns="model.language_model."),
+            *(WeightRenaming(source_patterns=rf"^{m}\.", target_patterns=f"model.{m}.") for m in parts),
+        ],
+        overwrite=True,
+    )
+
+
+_register_key_map()

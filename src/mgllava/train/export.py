@@ -49,6 +49,9 @@ def export(
     return final
 
 
+DECODER = "model.language_model."  # the LLM's decoder in the model's state dict (LoRA/4-bit inside)
+
+
 def merged_full_precision(model: MGLlavaForConditionalGeneration, config: TrainConfig):
     """QLoRA export: the source model again in fp32, the trained new modules copied in, the adapters applied
     to the full-precision LLM and merged - not a 4-bit model with rounded-in deltas."""
@@ -57,13 +60,9 @@ def merged_full_precision(model: MGLlavaForConditionalGeneration, config: TrainC
     base = MGLlavaForConditionalGeneration.from_pretrained(
         config.init_from or config.model, dtype=torch.float32
     )
-    trained = {
-        k: v.float().cpu() for k, v in model.state_dict().items() if not k.startswith("language_model.")
-    }
+    trained = {k: v.float().cpu() for k, v in model.state_dict().items() if not k.startswith(DECODER)}
     result = base.load_state_dict(trained, strict=False)
-    wrong = [k for k in result.missing_keys if not k.startswith("language_model.")] + list(
-        result.unexpected_keys
-    )
+    wrong = [k for k in result.missing_keys if not k.startswith(DECODER)] + list(result.unexpected_keys)
     if wrong:
         raise ValueError(f"QLoRA export: trained weights do not fit the source model: {wrong[:10]}")
     adapters = {k: v.float().cpu() for k, v in get_peft_model_state_dict(model.language_model).items()}

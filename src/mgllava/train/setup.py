@@ -67,8 +67,9 @@ def build_model(config: TrainConfig) -> tuple[MGLlavaForConditionalGeneration, M
     return model, processor
 
 
-# QLoRA quantises the LLM's decoder layers only: every other top-level module, and the LM head, stays full
-NOT_QUANTIZED = [*(m for m in MODULES if m != "language_model"), "lm_head"]
+# QLoRA quantises the LLM's decoder layers only: every other part of the base model (matched from the start
+# of the full module name, `model.<part>`), and the LM head, stays full
+NOT_QUANTIZED = [*(f"model.{m}" for m in MODULES if m != "language_model"), "lm_head"]
 
 
 def load_for_training(source: str, config: TrainConfig) -> MGLlavaForConditionalGeneration:
@@ -93,11 +94,12 @@ def lora_settings(config: TrainConfig):
 
     lora = config.stage.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+                      target_modules=lora.target_modules)  # fmt: skip
 
 
 def add_lora(llm: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
-    """LoRA adapters on the LLM (PEFT); for QLoRA the 4-bit LLM is first made trainable-ready."""
+    """LoRA adapters on the LLM's decoder (`model.language_model`, a plain PEFT model: the LM head is outside
+    it); for QLoRA the 4-bit decoder is first made trainable-ready."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if config.stage.lora.quantize_4bit:

@@ -1,6 +1,7 @@
 """A training stage applied to a model: which modules train, and a table saying so (STYLE habit 4).
 
-A stage names top-level modules of the model (`mgllava.model.modeling.MODULES`) or the group
+A stage names parts of the model (`mgllava.model.modeling.MODULES`, as `named_parts` gives them:
+`language_model` is the decoder and the LM head together) or the group
 `new_modules`: every module of MG-LLaVA's own that the variant has and that has parameters (fusion,
 projector, box projector, object mixer), so a new module or variant trains without editing any list.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..model.modeling import MODULES
 from .config import NEW_MODULES_GROUP, StageConfig
 
 
@@ -18,7 +18,7 @@ def trainable_modules(model: nn.Module, names: list[str]) -> list[str]:
 
     A pretrained or new module that this variant does not build (a baseline has no box projector) is an
     error naming the variant, not a silent skip."""
-    children = dict(model.named_children())
+    children = model.named_parts()
     out: list[str] = []
     for name in names:
         if name == NEW_MODULES_GROUP:
@@ -39,18 +39,22 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> str:
     for param in model.parameters():
         param.requires_grad = False
     lora = stage.lora.r > 0
+    parts = model.named_parts()
     for name in names:
-        for pname, param in getattr(model, name).named_parameters():
+        for pname, param in _named_parameters(parts[name]):
             param.requires_grad = not (lora and name == "language_model") or "lora_" in pname
     return parameter_table(model)
+
+
+def _named_parameters(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    return [item for module in modules for item in module.named_parameters()]
 
 
 def parameter_table(model: nn.Module) -> str:
     rows = [("module", "trainable", "frozen")]
     totals = [0, 0]
-    children = dict(model.named_children())
-    for name in (n for n in MODULES if n in children):
-        params = list(children[name].parameters())
+    for name, modules in model.named_parts().items():
+        params = [p for _, p in _named_parameters(modules)]
         if not params:
             continue
         trainable = sum(p.numel() for p in params if p.requires_grad)
