@@ -56,3 +56,16 @@ def test_ddp_reduces_gradients_on_the_last_micro_batch_only():
         assert reductions == [0]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_bf16_autocast_step_trains(trainer):
+    """The paper trains in bf16; the tiny presets run fp32, so this is the CPU suite's bf16 step (object
+    pooling once failed here: a bf16 bmm result added into an fp32 buffer)."""
+    micro = [trainer.collate([trainer.dataset[0], trainer.dataset[1]])]
+    trainer.config.precision = "bf16"
+    try:
+        stats = trainer.train_step(micro)
+    finally:
+        trainer.config.precision = "fp32"
+    assert stats["loss"] > 0 and torch.isfinite(torch.tensor(stats["grad_norm"]))
+    trainer.optimizer.zero_grad(set_to_none=True)
