@@ -47,3 +47,15 @@ def test_video_sample_with_per_frame_boxes(tmp_path):
     assert item["object_counts"].tolist() == [t % 3 + 1 for t in range(8)]
     rows = sum(1 for t in item["input_ids"] if t == dataset.processor.image_token_id)
     assert rows == 8 * 16 + sum(t % 3 + 1 for t in range(8))
+
+
+def test_sample_index_reads_records_on_access_and_skips_ids(tmp_path):
+    files = synth.write_dataset(tmp_path, n=6, text_only=3)
+    samples = load_samples(DataConfig(sources=[DataSource(path=str(files["data"]), boxes=str(files["boxes"]))]))
+    records = json.loads(files["data"].read_text())
+    assert [s.record for s in samples] == records and [s.record for s in samples[2:4]] == records[2:4]
+    assert samples.lengths.tolist() == [s.length() for s in samples]
+    assert samples.multimodal.tolist() == [True] * 6 + [False] * 3
+    kept = samples.without({"s001", "t002", "nope"})
+    assert [s.id for s in kept] == [r["id"] for r in records if r["id"] not in {"s001", "t002"}]
+    assert kept.lengths.tolist() == [s.length() for s in kept]

@@ -132,9 +132,14 @@ def make_plan(config: Any, n_samples: int, world: int) -> Plan:
 class StepBatches:
     """Yields this rank's micro-batches (lists of sample indices) from `start` step to the end."""
 
-    def __init__(self, samples: list, config: Any, plan: Plan, rank: int, start: int) -> None:
-        self.lengths = [s.length() for s in samples]
-        self.multimodal = [s.is_multimodal for s in samples]
+    def __init__(self, samples: Any, config: Any, plan: Plan, rank: int, start: int) -> None:
+        """`samples`: a `data.dataset.SampleIndex` (its `lengths` and `multimodal` arrays are used, no record is
+        read) or a list of `Sample`s."""
+        if hasattr(samples, "lengths"):
+            self.lengths, self.multimodal = samples.lengths.tolist(), samples.multimodal.tolist()
+        else:
+            self.lengths = [s.length() for s in samples]
+            self.multimodal = [s.is_multimodal for s in samples]
         self.config, self.plan, self.rank, self.start = config, plan, rank, start
 
     def __iter__(self):

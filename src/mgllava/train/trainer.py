@@ -89,7 +89,7 @@ class Trainer:
             model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{table}")
         skip = skipped_ids(config.data.skip)
-        samples = [s for s in load_samples(config.data, config.seed) if s.id not in skip]
+        samples = load_samples(config.data, config.seed).without(skip)  # records stay on disk (SampleIndex)
         self.samples = samples
         self.dataset = SafeDataset(LlavaDataset(samples, self.processor))
         self.plan = make_plan(config, len(samples), self.info.world_size)
