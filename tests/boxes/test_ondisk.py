@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,16 @@ def test_a_malformed_record_is_named_at_lookup(tmp_path):
     index = DiskBoxIndex(path)
     with pytest.raises(ValueError, match=r"bad\.jsonl record 1: bad boxes"):
         index.by_id["1"]
+
+
+def test_a_kept_scan_answers_as_the_first(tmp_path):
+    path = tmp_path / "boxes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in box_records()))
+    first, kept = DiskBoxIndex(path, tmp_path / "cache"), DiskBoxIndex(path, tmp_path / "cache")
+    assert isinstance(kept.by_id.hashes, np.memmap)
+    for key in ["s3", "shared", "bad", "nope"]:
+        a, b = first.by_id.get(key), kept.by_id.get(key)
+        assert (a is None and b is None) or a.to_json() == b.to_json()
+    assert (
+        kept.by_name.get("24.jpg").id == first.by_name.get("24.jpg").id and kept.by_name.get("1.jpg") is None
+    )

@@ -51,7 +51,9 @@ def test_video_sample_with_per_frame_boxes(tmp_path):
 
 def test_sample_index_reads_records_on_access_and_skips_ids(tmp_path):
     files = synth.write_dataset(tmp_path, n=6, text_only=3)
-    samples = load_samples(DataConfig(sources=[DataSource(path=str(files["data"]), boxes=str(files["boxes"]))]))
+    samples = load_samples(
+        DataConfig(sources=[DataSource(path=str(files["data"]), boxes=str(files["boxes"]))])
+    )
     records = json.loads(files["data"].read_text())
     assert [s.record for s in samples] == records and [s.record for s in samples[2:4]] == records[2:4]
     assert samples.lengths.tolist() == [s.length() for s in samples]

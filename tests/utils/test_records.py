@@ -52,3 +52,22 @@ def test_a_bad_jsonl_line_is_named(tmp_path):
     path.write_text('{"id": 1}\n{oops\n')
     with pytest.raises(RecordFileError, match=r"bad\.jsonl:2: not valid JSON"):
         RecordFile.scan(path)
+
+
+def test_a_kept_scan_is_mapped_back_and_a_changed_file_is_scanned_again(tmp_path):
+    path, cache = tmp_path / "data.jsonl", tmp_path / "cache"
+    path.write_text('{"id": 1}\n{"id": 2}\n')
+    calls = []
+
+    def build():
+        calls.append(1)
+        index = RecordFile.scan(path)
+        return {"starts": index.starts, "stops": index.stops}
+
+    first = records.cached_arrays(path, "test", build, cache)
+    again = records.cached_arrays(path, "test", build, cache)
+    assert len(calls) == 1 and isinstance(again["starts"], records.np.memmap)
+    assert again["starts"].tolist() == first["starts"].tolist() == [0, 10]
+    path.write_text('{"id": 1}\n{"id": 22}\n{"id": 3}\n')  # another size: another key
+    assert records.cached_arrays(path, "test", build, cache)["starts"].tolist() == [0, 10, 21]
+    assert len(calls) == 2

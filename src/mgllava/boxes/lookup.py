@@ -98,13 +98,14 @@ class BoxLookup:
         return cls(BoxIndex.load(path), str(path))
 
     @classmethod
-    def on_disk(cls, path: str | Path) -> BoxLookup:
-        """For training data at scale: records parsed when looked up (`boxes.ondisk`). The reference's
-        dict-of-records layout has no list to index and is read whole, as `load` does."""
+    def on_disk(cls, path: str | Path, cache: Path | None = None) -> BoxLookup:
+        """For training data at scale: records parsed when looked up (`boxes.ondisk`; `cache`: where its
+        scan is kept for the next run). The reference's dict-of-records layout has no list to index and is
+        read whole, as `load` does."""
         path = Path(path)
         if path.suffix != ".jsonl" and _first_char(path) == "{":
             return cls.load(path)
-        return cls(DiskBoxIndex(path), str(path))
+        return cls(DiskBoxIndex(path, cache), str(path))
 
     # -- look-ups -------------------------------------------------------------------------------------------
     def image(self, key: ImageKey, single: bool = True) -> Boxes | None:

@@ -22,43 +22,50 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.records import RecordFile, key_hash
+from ..utils.records import RecordFile, cached_arrays, key_hash
 from .files import BoxRecord, _same_content
 
 KINDS = ("id", "image", "sha256", "video", "name", "video_stem")
 
 
-def _keys(obj: Any) -> dict[str, list[str]]:
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]  # Path(path).name for the POSIX paths box files hold, without Path's cost
+
+
+def _stem(path: str) -> str:
+    name = _name(path)
+    dot = name.rfind(".")
+    return name[:dot] if dot > 0 else name
+
+
+def _keys(obj: dict[str, Any]) -> dict[str, list[str]]:
     """The look-up keys of one raw record, as `BoxRecord.from_json` would set them."""
-    if not isinstance(obj, dict):
-        return {}
-    rid = obj.get("id")
-    video = obj.get("video")
+    rid, video, image, sha = obj.get("id"), obj.get("video"), obj.get("image"), obj.get("sha256")
     if rid is None and video:
-        rid = Path(str(video)).stem
-    ids = [str(i) for i in obj.get("ids") or []] or ([str(rid)] if rid is not None else [])
-    image = obj.get("image")
-    return {"id": ids, "image": [image] if image else [], "sha256": [obj["sha256"]] if obj.get("sha256") else [],
-            "video": [video] if video else [], "name": [Path(image).name] if image else [],
-            "video_stem": [Path(video).stem] if video else []}  # fmt: skip
+        rid = _stem(str(video))
+    ids = [str(i) for i in obj.get("ids") or ()] or ([str(rid)] if rid is not None else [])
+    return {"id": ids, "image": [image] if image else [], "sha256": [sha] if sha else [],
+            "video": [video] if video else [], "name": [_name(image)] if image else [],
+            "video_stem": [_stem(video)] if video else []}  # fmt: skip
 
 
 def _record_keys(record: BoxRecord, kind: str) -> list[str]:
     return {
         "id": record.ids, "image": [record.image] if record.image else [],
         "sha256": [record.sha256] if record.sha256 else [], "video": [record.video] if record.video else [],
-        "name": [Path(record.image).name] if record.image else [],
-        "video_stem": [Path(record.video).stem] if record.video else [],
+        "name": [_name(record.image)] if record.image else [],
+        "video_stem": [_stem(record.video)] if record.video else [],
     }[kind]  # fmt: skip
 
 
 class KeyTable:
-    """key -> the first (or, for `last_wins`, the last) record carrying it; a read-only mapping."""
+    """key -> the first (or, for the video stem, the last) record carrying it; a read-only mapping over
+    `hashes` (sorted) and `rows` (the record of each hash; among equal hashes, the winner first)."""
 
-    def __init__(self, kind: str, hashes: np.ndarray, rows: np.ndarray, read: Callable[[int], BoxRecord],
-                 last_wins: bool = False) -> None:  # fmt: skip
-        order = np.lexsort((-rows if last_wins else rows, hashes))
-        self.kind, self.hashes, self.rows, self.read = kind, hashes[order], rows[order], read
+    def __init__(
+        self, kind: str, hashes: np.ndarray, rows: np.ndarray, read: Callable[[int], BoxRecord]
+    ) -> None:
+        self.kind, self.hashes, self.rows, self.read = kind, hashes, rows, read
 
     def get(self, key: Any, default: Any = None) -> BoxRecord | Any:
         h = key_hash(str(key))
@@ -78,18 +85,34 @@ class KeyTable:
             raise KeyError(key)
         return record
 
-    def __len__(self) -> int:
-        return len(np.unique(self.hashes))
-
     def __bool__(self) -> bool:
         return len(self.hashes) > 0
 
 
 class DiskBoxIndex:
-    """A box file's records behind `BoxIndex`'s look-up tables, parsed on access (module docstring)."""
+    """A box file's records behind `BoxIndex`'s look-up tables, parsed on access (module docstring). With a
+    `cache` folder its scan is kept there and mapped back next time (`utils.records.cached_arrays`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, cache: Path | None = None) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"box file {self.path}: no such file")
+        arrays = cached_arrays(self.path, "boxes", self._scan, cache)
+        self.file = RecordFile(self.path, arrays["starts"], arrays["stops"])
+        self._read = lru_cache(maxsize=256)(self._parse)
+        tables = {
+            kind: KeyTable(kind, arrays[f"{kind}_hashes"], arrays[f"{kind}_rows"], self._read)
+            for kind in KINDS
+        }
+        self.by_id, self.by_image, self.by_hash = tables["id"], tables["image"], tables["sha256"]
+        self.by_video, self.by_video_stem, self.by_name = (
+            tables["video"],
+            tables["video_stem"],
+            tables["name"],
+        )
+
+    def _scan(self) -> dict[str, np.ndarray]:
+        """Record spans and, per key kind, the sorted key hashes with their records; checks duplicate ids."""
         keys: dict[str, tuple[list[int], list[int]]] = {kind: ([], []) for kind in KINDS}
 
         def visit(i: int, obj: Any) -> None:
@@ -103,18 +126,15 @@ class DiskBoxIndex:
                     keys[kind][1].append(i)
 
         self.file = RecordFile.scan(self.path, visit)
-        self._read = lru_cache(maxsize=256)(self._parse)
-        tables = {
-            kind: (np.asarray(h, dtype=np.int64), np.asarray(r, dtype=np.int64))
-            for kind, (h, r) in keys.items()
-        }
-        self.by_id = KeyTable("id", *tables["id"], self._read)
-        self.by_image = KeyTable("image", *tables["image"], self._read)
-        self.by_hash = KeyTable("sha256", *tables["sha256"], self._read)
-        self.by_video = KeyTable("video", *tables["video"], self._read)
-        self.by_video_stem = KeyTable("video_stem", *tables["video_stem"], self._read, last_wins=True)
-        self.by_name = KeyTable("name", *_unique(*tables["name"]), self._read)
-        self._check_duplicate_ids(*tables["id"])
+        arrays = {"starts": self.file.starts, "stops": self.file.stops}
+        for kind, (hashes, rows) in keys.items():
+            h, r = np.asarray(hashes, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+            if kind == "name":
+                h, r = _unique(h, r)
+            order = np.lexsort((-r if kind == "video_stem" else r, h))  # first wins; the stem: the last
+            arrays[f"{kind}_hashes"], arrays[f"{kind}_rows"] = h[order], r[order]
+        self._check_duplicate_ids(arrays["id_hashes"], arrays["id_rows"])
+        return arrays
 
     def _parse(self, row: int) -> BoxRecord:
         return BoxRecord.from_json(self.file.read(row), f"box file {self.path} record {row + 1}")
@@ -124,8 +144,9 @@ class DiskBoxIndex:
         values, counts = np.unique(hashes, return_counts=True)
         for h in values[counts > 1]:
             seen: dict[str, BoxRecord] = {}
-            for row in sorted(rows[hashes == h].tolist()):
-                record = self._read(row)
+            lo, hi = np.searchsorted(hashes, h, "left"), np.searchsorted(hashes, h, "right")
+            for row in sorted(rows[lo:hi].tolist()):
+                record = self._parse(row)
                 for rid in record.ids:
                     if key_hash(rid) == h and rid in seen and not _same_content(seen[rid], record):
                         raise ValueError(f"box file: id {rid!r} appears twice with different boxes")

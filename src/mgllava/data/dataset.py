@@ -35,7 +35,7 @@ from ..config import from_dict, read_yaml
 from ..media.images import ImageError
 from ..media.video import VideoError
 from ..utils.io import JsonlError, read_jsonl
-from ..utils.records import RecordFile, RecordFileError, key_hash
+from ..utils.records import RecordFile, RecordFileError, cached_arrays, key_hash
 from .config import DataConfig, DataSource
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 
@@ -133,22 +133,31 @@ class _SourceIndex:
     id_hashes: np.ndarray  # (n,) int64, `key_hash(str(id))`
 
     @classmethod
-    def scan(cls, source: DataSource) -> _SourceIndex:
-        lengths: list[int] = []
-        multimodal: list[bool] = []
-        ids: list[int] = []
+    def scan(cls, source: DataSource, cache: Path | None = None) -> _SourceIndex:
+        path = Path(source.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path}: no such file")
+        arrays = cached_arrays(path, "samples", lambda: _scan_source(path), cache)
+        records = RecordFile(path, arrays["starts"], arrays["stops"])
+        return cls(source, records, arrays["lengths"], arrays["multimodal"], arrays["id_hashes"])
 
-        def visit(_: int, record: Any) -> None:
-            lengths.append(record_length(record))
-            multimodal.append(record_is_multimodal(record))
-            ids.append(key_hash(str(record.get("id", "?")) if isinstance(record, dict) else "?"))
 
-        try:
-            records = RecordFile.scan(source.path, visit)
-        except RecordFileError as err:
-            raise ValueError(str(err)) from err
-        return cls(source, records, np.asarray(lengths, dtype=np.int32), np.asarray(multimodal, dtype=bool),
-                   np.asarray(ids, dtype=np.int64))  # fmt: skip
+def _scan_source(path: Path) -> dict[str, np.ndarray]:
+    lengths: list[int] = []
+    multimodal: list[bool] = []
+    ids: list[int] = []
+
+    def visit(_: int, record: Any) -> None:
+        lengths.append(record_length(record))
+        multimodal.append(record_is_multimodal(record))
+        ids.append(key_hash(str(record.get("id", "?")) if isinstance(record, dict) else "?"))
+
+    try:
+        records = RecordFile.scan(path, visit)
+    except RecordFileError as err:
+        raise ValueError(str(err)) from err
+    return {"starts": records.starts, "stops": records.stops, "lengths": np.asarray(lengths, dtype=np.int32),
+            "multimodal": np.asarray(multimodal, dtype=bool), "id_hashes": np.asarray(ids, dtype=np.int64)}  # fmt: skip
 
 
 class SampleIndex(Sequence[Sample]):
@@ -190,16 +199,17 @@ class SampleIndex(Sequence[Sample]):
         return SampleIndex(self.sources, self.boxes, self.which[keep], self.rows[keep])
 
 
-def load_samples(config: DataConfig, seed: int = 0) -> SampleIndex:
-    """All samples of the config's sources (and its mixture file), in source order."""
+def load_samples(config: DataConfig, seed: int = 0, cache: Path | None = None) -> SampleIndex:
+    """All samples of the config's sources (and its mixture file), in source order. With a `cache` folder
+    the scans of the data and box files are kept there and mapped back by later calls (utils.records)."""
     sources = list(config.sources)
     if config.mixture:
         mixture = from_dict(DataConfig, read_yaml(config.mixture, "data"), "mixture")
         sources += mixture.sources
     if not sources:
         raise ValueError("no data sources: set data.sources or data.mixture")
-    indexed = [_SourceIndex.scan(source) for source in sources]
-    boxes = [BoxLookup.on_disk(source.boxes) if source.boxes else None for source in sources]
+    indexed = [_SourceIndex.scan(source, cache) for source in sources]
+    boxes = [BoxLookup.on_disk(source.boxes, cache) if source.boxes else None for source in sources]
     kept = [_apply_rule(len(s.records), s.source.sample, seed) for s in indexed]
     which = np.concatenate([np.full(len(rows), k, dtype=np.int32) for k, rows in enumerate(kept)])
     return SampleIndex(indexed, boxes, which, np.concatenate(kept))

@@ -89,7 +89,9 @@ class Trainer:
             model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{table}")
         skip = skipped_ids(config.data.skip)
-        samples = load_samples(config.data, config.seed).without(skip)  # records stay on disk (SampleIndex)
+        cache = Path(config.data.index_cache or self.out / "data-index")
+        with dist.main_first():  # rank 0 scans the files once; the others map its scan (utils.records)
+            samples = load_samples(config.data, config.seed, cache).without(skip)  # records stay on disk
         self.samples = samples
         self.dataset = SafeDataset(LlavaDataset(samples, self.processor))
         self.plan = make_plan(config, len(samples), self.info.world_size)
