@@ -199,15 +199,43 @@ class SampleIndex(Sequence[Sample]):
         return SampleIndex(self.sources, self.boxes, self.which[keep], self.rows[keep])
 
 
-def load_samples(config: DataConfig, seed: int = 0, cache: Path | None = None) -> SampleIndex:
-    """All samples of the config's sources (and its mixture file), in source order. With a `cache` folder
-    the scans of the data and box files are kept there and mapped back by later calls (utils.records)."""
+def data_sources(config: DataConfig) -> list[DataSource]:
+    """The config's sources and its mixture file's, in order."""
     sources = list(config.sources)
     if config.mixture:
         mixture = from_dict(DataConfig, read_yaml(config.mixture, "data"), "mixture")
         sources += mixture.sources
     if not sources:
         raise ValueError("no data sources: set data.sources or data.mixture")
+    return sources
+
+
+def scan_share(config: DataConfig, cache: Path, rank: int = 0, world: int = 1) -> None:
+    """Scan this rank's share of the config's data and box files into `cache`: the largest file first, each
+    to the rank with the fewest bytes so far, so that N ranks scan N files at once and `load_samples` then
+    maps every scan (call it on every rank, then a barrier)."""
+    files: dict[tuple[str, str], DataSource] = {}
+    for source in data_sources(config):
+        files.setdefault(("samples", source.path), source)
+        if source.boxes:
+            files.setdefault(("boxes", source.boxes), source)
+    sizes = {key: Path(key[1]).stat().st_size if Path(key[1]).is_file() else 0 for key in files}
+    loads = [0] * world
+    for key in sorted(files, key=lambda k: -sizes[k]):
+        owner = min(range(world), key=lambda r: loads[r])
+        loads[owner] += sizes[key]
+        if owner != rank:
+            continue
+        if key[0] == "samples":
+            _SourceIndex.scan(files[key], cache)
+        else:
+            BoxLookup.on_disk(key[1], cache)
+
+
+def load_samples(config: DataConfig, seed: int = 0, cache: Path | None = None) -> SampleIndex:
+    """All samples of the config's sources (and its mixture file), in source order. With a `cache` folder
+    the scans of the data and box files are kept there and mapped back by later calls (utils.records)."""
+    sources = data_sources(config)
     indexed = [_SourceIndex.scan(source, cache) for source in sources]
     boxes = [BoxLookup.on_disk(source.boxes, cache) if source.boxes else None for source in sources]
     kept = [_apply_rule(len(s.records), s.source.sample, seed) for s in indexed]

@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from ..config import to_dict
-from ..data.dataset import LlavaDataset, SafeDataset, load_samples
+from ..data.dataset import LlavaDataset, SafeDataset, load_samples, scan_share
 from ..utils import dist
 from ..utils.io import read_jsonl
 from .checkpoint import Checkpointer
@@ -90,8 +90,9 @@ class Trainer:
         self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{table}")
         skip = skipped_ids(config.data.skip)
         cache = Path(config.data.index_cache or self.out / "data-index")
-        with dist.main_first():  # rank 0 scans the files once; the others map its scan (utils.records)
-            samples = load_samples(config.data, config.seed, cache).without(skip)  # records stay on disk
+        scan_share(config.data, cache, self.info.rank, self.info.world_size)  # each rank scans its files
+        dist.barrier()  # then every rank maps every scan (utils.records); records stay on disk
+        samples = load_samples(config.data, config.seed, cache).without(skip)
         self.samples = samples
         self.dataset = SafeDataset(LlavaDataset(samples, self.processor))
         self.plan = make_plan(config, len(samples), self.info.world_size)

@@ -13,10 +13,8 @@ caller's: training waits in a barrier while rank 0 writes the export, longer tha
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -79,16 +77,6 @@ def active() -> bool:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first and the others after it (e.g. rank 0 builds a cache the others read)."""
-    if active() and dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if active() and dist.get_rank() == 0:
         dist.barrier()
 
 
