@@ -2,8 +2,9 @@
 
 bf16 forward and generate against fp32 on the GPU; one bf16 training step on one GPU; one NCCL training step
 on every visible GPU with FSDP2 and with DDP (needs 2+ GPUs: NCCL refuses two ranks on one GPU); a process
-group that reduces both CUDA and CPU tensors; the server answering from a model on the GPU. Without a CUDA
-GPU every test skips, saying so.
+group that reduces both CUDA and CPU tensors; the server answering from a model on the GPU; the memory plan
+(`mgllava train --plan`) within 20% of `torch.cuda.max_memory_allocated` over two steps of the 7B width cut
+to 2 LLM layers. Without a CUDA GPU every test skips, saying so.
 """
 
 from __future__ import annotations
@@ -128,3 +129,37 @@ def test_the_server_answers_from_the_gpu():
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == expected.text
     assert next(engine.model.parameters()).is_cuda
+
+
+def test_the_memory_plan_is_within_20_percent_of_a_measured_step():
+    """Two bf16 AdamW steps of the 7B width cut to 2 LLM layers (full towers) on one GPU, every sequence
+    `max_length` tokens, against `mgllava train --plan`'s one-process peak for the same config."""
+    from mgllava.config import load_config
+    from mgllava.train.config import TrainConfig
+    from mgllava.train.plan import plan
+
+    text = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_attention_heads": 32, "vocab_size": 32001, "max_position_embeddings": 4096}  # fmt: skip
+    config = load_config(TrainConfig, "tiny-stage2", ["data.sources=[]", "init_from=null", "stage.requires_init=false",
+                                                      "model=mgllava-vicuna-7b", f"model_overrides={{text_config: {text}}}",
+                                                      "precision=bf16", "gradient_checkpointing=true", "max_length=2048",
+                                                      "stage.per_device_batch_size=2"])  # fmt: skip
+    predicted = plan(config, 1, torch.cuda.get_device_properties(0).total_memory / 1e9, "7b-width-2-layers")
+    from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration
+    from mgllava.train.stages import apply_stage
+
+    model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("mgllava-vicuna-7b", text_config=text))
+    apply_stage(model, config.stage)
+    model.language_model.activation_checkpointing_enable({"use_reentrant": False})
+    model.to("cuda").train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, 32000, (2, 2048), device="cuda")
+    for _ in range(2):  # the second step runs with the optimizer state allocated, as every later step
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    measured = torch.cuda.max_memory_allocated()
+    assert abs(predicted.peak - measured) <= 0.2 * measured, (predicted.row(), measured / 1e9)
