@@ -39,7 +39,7 @@ from .export import export
 from .metrics import MetricsLog, step_record
 from .parallel import shard
 from .sampler import StepBatches, make_plan
-from .setup import build_model
+from .setup import build_model, build_sharded
 from .stages import apply_stage
 
 logger = logging.getLogger(__name__)
@@ -83,11 +83,20 @@ class Trainer:
         self.info = dist.init(datetime.timedelta(minutes=config.dist_timeout_minutes))
         self.out = Path(config.output_dir)
         self.device = self.info.device
-        model, self.processor = build_model(config)
-        table = apply_stage(model, config.stage)
-        if config.gradient_checkpointing:
-            model.language_model.activation_checkpointing_enable({"use_reentrant": False})
-        self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{table}")
+        tables: list[str] = []
+
+        def prepare(model: torch.nn.Module) -> None:
+            tables.append(apply_stage(model, config.stage))
+            if config.gradient_checkpointing:
+                model.language_model.activation_checkpointing_enable({"use_reentrant": False})
+
+        sharded = self.info.world_size > 1 and config.parallel == "fsdp"
+        if sharded:  # built on meta, sharded, filled from rank 0: no rank holds a second whole copy
+            model, self.processor = build_sharded(config, self.device, prepare)
+        else:
+            model, self.processor = build_model(config)
+            prepare(model)
+        self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{tables[0]}")
         skip = skipped_ids(config.data.skip)
         cache = Path(config.data.index_cache or self.out / "data-index")
         scan_share(config.data, cache, self.info.rank, self.info.world_size)  # each rank scans its files
@@ -96,10 +105,10 @@ class Trainer:
         self.samples = samples
         self.dataset = SafeDataset(LlavaDataset(samples, self.processor))
         self.plan = make_plan(config, len(samples), self.info.world_size)
-        if not config.stage.lora.quantize_4bit:  # a 4-bit model is placed where it is loaded
+        if not sharded and not config.stage.lora.quantize_4bit:  # a 4-bit model is placed where it is loaded
             model.to(self.device)
         self.plain_model = model
-        self.model = shard(model, config) if self.info.world_size > 1 else model
+        self.model = shard(model, config) if self.info.world_size > 1 and not sharded else model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.stage.lr, betas=tuple(config.stage.betas),
                                            weight_decay=config.stage.weight_decay)  # fmt: skip
