@@ -28,7 +28,7 @@ export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow test-harness test-latest lock lint format bench bench-components clean
+.PHONY: install browser demo test test-slow test-harness test-gpu test-latest lock lint format bench bench-components clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
-	$(BIN)/python -m pytest -q -m "not slow and not harness"
+	$(BIN)/python -m pytest -q -m "not slow and not harness and not gpu"
 
 # the lmms-eval harness tests, in their own venv (requirements/lock-lmms.txt: see the top of this file)
 $(HARNESS_STAMP): $(HARNESS_LOCK) pyproject.toml Makefile
@@ -67,6 +67,12 @@ browser:
 
 test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m slow
+
+# The GPU smoke suite (tests/gpu, marker `gpu`): bf16 against fp32, a training step on one GPU and an NCCL step on
+# every visible GPU (FSDP2 and DDP), the server on the GPU. Minutes on a GPU machine; without one it says so and skips.
+test-gpu: $(STAMP)
+	@$(BIN)/python -c "import torch; print(f'{torch.cuda.device_count()} CUDA GPU(s) visible')"
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
 # Drift check: a scratch venv with the newest releases pyproject.toml allows, then the fast tests there.
 # Run it at the start of every work session and before a release; what changed against the lock is printed.

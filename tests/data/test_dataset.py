@@ -47,3 +47,33 @@ def test_video_sample_with_per_frame_boxes(tmp_path):
     assert item["object_counts"].tolist() == [t % 3 + 1 for t in range(8)]
     rows = sum(1 for t in item["input_ids"] if t == dataset.processor.image_token_id)
     assert rows == 8 * 16 + sum(t % 3 + 1 for t in range(8))
+
+
+def test_sample_index_reads_records_on_access_and_skips_ids(tmp_path):
+    files = synth.write_dataset(tmp_path, n=6, text_only=3)
+    samples = load_samples(
+        DataConfig(sources=[DataSource(path=str(files["data"]), boxes=str(files["boxes"]))])
+    )
+    records = json.loads(files["data"].read_text())
+    assert [s.record for s in samples] == records and [s.record for s in samples[2:4]] == records[2:4]
+    assert samples.lengths.tolist() == [s.length() for s in samples]
+    assert samples.multimodal.tolist() == [True] * 6 + [False] * 3
+    kept = samples.without({"s001", "t002", "nope"})
+    assert [s.id for s in kept] == [r["id"] for r in records if r["id"] not in {"s001", "t002"}]
+    assert kept.lengths.tolist() == [s.length() for s in kept]
+
+
+def test_ranks_scan_their_share_of_the_files_and_map_all_of_them(tmp_path):
+    from mgllava.data.dataset import scan_share
+
+    files = synth.write_dataset(tmp_path, n=6, text_only=1)
+    config = DataConfig(sources=[DataSource(path=str(files["data"]), boxes=str(files["boxes"]))])
+    cache = tmp_path / "cache"
+    scan_share(config, cache, rank=0, world=2)
+    first = {p.name for p in cache.iterdir()}
+    scan_share(config, cache, rank=1, world=2)
+    both = {p.name for p in cache.iterdir()}
+    assert len(first) == 1 and len(both) == 2  # one file each: the data file's scan and the box file's
+    samples = load_samples(config, cache=cache)
+    assert {p.name for p in cache.iterdir()} == both and [s.id for s in samples][:2] == ["s000", "s001"]
+    assert samples[0].boxes.index.by_id["s000"].boxes.labels == ["circle"]

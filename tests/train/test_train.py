@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from mgllava.cli import main
 from mgllava.config import ConfigError, load_config
 from mgllava.train.config import TrainConfig
-from mgllava.train.sampler import epoch_order, micro_batches, padding_fraction
+from mgllava.train.sampler import balanced_micro_batches, epoch_order, micro_batches, padding_fraction
 
 from .. import formats, synth
 
@@ -45,6 +45,7 @@ def test_paper_presets_load_with_overrides():
             "not a multiple",
         ),
         (["oops"], "expected dotted.key=value"),
+        (["model=/m", "data.mixture=/x", "precision=fp16"], "fp16 needs a gradient scaler"),
     ],
 )
 def test_config_errors_name_the_key(overrides, match):
@@ -77,6 +78,38 @@ def test_length_grouping_pads_less_and_keeps_modalities_apart():
     grouped, mbs = pad(True)
     assert grouped < plain / 2
     assert sum(len({mm[i] for i in mb}) > 1 for mb in mbs) <= 1  # at most the last, partial megabatch mixes
+
+
+def test_length_grouped_rounds_are_balanced_across_ranks():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 2000, (512,), generator=g).tolist()
+    order = epoch_order(lengths, [True] * 512, 64, 0, 0, length_grouped=True)
+    world, per_device, accumulation = 4, 4, 4
+
+    def rounds(split):
+        """per step and accumulation round: each rank's total length, and the rank holding the longest."""
+        out = []
+        for step in range(len(order) // 64):
+            per_rank = [split(order, step, r) for r in range(world)]
+            assert sorted(i for mbs in per_rank for mb in mbs for i in mb) == sorted(
+                order[step * 64 : (step + 1) * 64]
+            )
+            for m in range(accumulation):
+                totals = [sum(lengths[i] for i in per_rank[r][m]) for r in range(world)]
+                longest = max(range(world), key=lambda r: max(lengths[i] for i in per_rank[r][m]))
+                out.append((max(totals) / min(totals), longest))
+        return out
+
+    contiguous = rounds(lambda o, s, r: micro_batches(o, s, world, r, per_device, accumulation))
+    balanced = rounds(
+        lambda o, s, r: balanced_micro_batches(o, lengths, s, world, r, per_device, accumulation)
+    )
+    assert all(longest == 0 for _, longest in contiguous)  # the old slicing: rank 0 always holds the longest
+    assert len({longest for _, longest in balanced}) == world
+    spread = sum(ratio for ratio, _ in balanced) / len(balanced)
+    assert (
+        spread < 1.1 and sum(ratio for ratio, _ in contiguous) / len(contiguous) > 2
+    )  # 1.03 and 2.4 measured
 
 
 @pytest.fixture(scope="module")

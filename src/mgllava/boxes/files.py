@@ -18,6 +18,7 @@ id); records without any id cannot be expressed in that form and are left out.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,11 @@ class BoxIndex:
         self.by_video: dict[str, BoxRecord] = {}
         for record in self.records:
             self._add(record)
+        names = Counter(Path(r.image).name for r in self.records if r.image)
+        self.by_name = {
+            Path(r.image).name: r for r in self.records if r.image and names[Path(r.image).name] == 1
+        }
+        self.by_video_stem = {Path(r.video).stem: r for r in self.records if r.video}
 
     def _add(self, record: BoxRecord) -> None:
         for rid in record.ids:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..utils.hashing import sha256_bytes, sha256_file
 from .files import BoxIndex, BoxRecord
+from .ondisk import DiskBoxIndex
 from .types import Boxes
 
 EXAMPLES = 10  # missed keys kept for the report
@@ -73,18 +74,22 @@ class ImageKey:
         return ", ".join(parts) or "an image without id or path"
 
 
+def _first_char(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"box file {path}: no such file")
+    with path.open("rb") as handle:
+        return handle.read(4096).decode("utf-8", errors="replace").lstrip()[:1]
+
+
 class BoxLookup:
     """A box file's records behind the one look-up rule, with counts of what was found and missed.
     Thread-safe (the server looks up from many threads)."""
 
-    def __init__(self, index: BoxIndex, name: str = "box file") -> None:
+    def __init__(self, index: BoxIndex | DiskBoxIndex, name: str = "box file") -> None:
         self.index = index
         self.name = name
-        names = Counter(Path(r.image).name for r in index.records if r.image)
-        self._by_name = {
-            Path(r.image).name: r for r in index.records if r.image and names[Path(r.image).name] == 1
-        }
-        self._by_video_stem = {Path(r.video).stem: r for r in index.records if r.video}
+        self._by_name = index.by_name
+        self._by_video_stem = index.by_video_stem
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()  # "id", "path", "sha256", "name", "missing"
         self.missed: list[str] = []
@@ -92,6 +97,16 @@ class BoxLookup:
     @classmethod
     def load(cls, path: str | Path) -> BoxLookup:
         return cls(BoxIndex.load(path), str(path))
+
+    @classmethod
+    def on_disk(cls, path: str | Path, cache: Path | None = None) -> BoxLookup:
+        """For training data at scale: records parsed when looked up (`boxes.ondisk`; `cache`: where its
+        scan is kept for the next run). The reference's dict-of-records layout has no list to index and is
+        read whole, as `load` does."""
+        path = Path(path)
+        if path.suffix != ".jsonl" and _first_char(path) == "{":
+            return cls.load(path)
+        return cls(DiskBoxIndex(path, cache), str(path))
 
     # -- look-ups -------------------------------------------------------------------------------------------
     def image(self, key: ImageKey, single: bool = True) -> Boxes | None:

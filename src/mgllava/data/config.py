@@ -31,3 +31,6 @@ class DataConfig:
     )
     skip: str | None = None  # bad_samples.jsonl written by `mgllava check-data`: those samples are left out
     num_workers: int = 0
+    index_cache: str | None = (
+        None  # where scans of the data and box files are kept (None: <output_dir>/data-index)
+    )

@@ -10,16 +10,23 @@ sampling rule (all, first:N, random:N).
 `box_problems` (images the box file lacks, boxes that will be dropped), which check-data reports and
 training counts per step; a sample that cannot be used raises `SampleError` with the reason. Paths may not
 leave their root.
+
+At the paper's scale (1.2M+ samples) records are not held parsed: `load_samples` returns a `SampleIndex`,
+the byte spans of each source's records (`utils.records`) plus per-sample numpy arrays (length estimate,
+image or not, id hash), and a `Sample` is parsed from disk when it is asked for. The arrays are flat
+buffers, so DataLoader workers share them instead of copying a million dicts page by page.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..boxes.lookup import BoxLookup, ImageKey
@@ -28,6 +35,7 @@ from ..config import from_dict, read_yaml
 from ..media.images import ImageError
 from ..media.video import VideoError
 from ..utils.io import JsonlError, read_jsonl
+from ..utils.records import RecordFile, RecordFileError, cached_arrays, key_hash
 from .config import DataConfig, DataSource
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 
@@ -59,12 +67,30 @@ class Sample:
 
     def length(self) -> int:
         """Cheap length estimate for length-grouped batching: words of the conversation plus visual rows."""
-        words = sum(len(str(turn.get("value", ""))) // 4 for turn in self.record.get("conversations", []))
-        return words + 600 * len(self.images) + (600 * 8 if self.video else 0)
+        return record_length(self.record)
 
     @property
     def is_multimodal(self) -> bool:
         return bool(self.images or self.video)
+
+
+def record_length(record: Any) -> int:
+    """`Sample.length` of a raw record (words of the conversation plus visual rows)."""
+    if not isinstance(record, dict):
+        return 0
+    turns = record.get("conversations")
+    words = (
+        sum(len(str(t.get("value", ""))) // 4 for t in turns if isinstance(t, dict))
+        if isinstance(turns, list)
+        else 0
+    )
+    image = record.get("image")
+    images = 0 if image is None else len(image) if isinstance(image, list) else 1
+    return words + 600 * images + (600 * 8 if record.get("video") else 0)
+
+
+def record_is_multimodal(record: Any) -> bool:
+    return isinstance(record, dict) and bool(record.get("image") or record.get("video"))
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -86,30 +112,135 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
-def _apply_rule(records: list[Any], rule: str, seed: int) -> list[Any]:
-    kind, _, n = rule.partition(":")
+def _apply_rule(n: int, rule: str, seed: int) -> np.ndarray:
+    """Positions (into a source's `n` records) that a sampling rule keeps, in order."""
+    kind, _, count = rule.partition(":")
     if kind == "first":
-        return records[: int(n)]
-    if kind == "random":
-        rng = random.Random(seed)
-        return rng.sample(records, min(int(n), len(records)))
-    return records
+        return np.arange(min(int(count), n), dtype=np.int64)
+    if kind == "random":  # random.sample picks by position: the same records as sampling the records list
+        return np.asarray(random.Random(seed).sample(range(n), min(int(count), n)), dtype=np.int64)
+    return np.arange(n, dtype=np.int64)
 
 
-def load_samples(config: DataConfig, seed: int = 0) -> list[Sample]:
-    """All samples of the config's sources (and its mixture file), in source order."""
+@dataclass
+class _SourceIndex:
+    """One source's records on disk and the per-record facts the sampler and the skip list need."""
+
+    source: DataSource
+    records: RecordFile
+    lengths: np.ndarray  # (n,) int32
+    multimodal: np.ndarray  # (n,) bool
+    id_hashes: np.ndarray  # (n,) int64, `key_hash(str(id))`
+
+    @classmethod
+    def scan(cls, source: DataSource, cache: Path | None = None) -> _SourceIndex:
+        path = Path(source.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path}: no such file")
+        arrays = cached_arrays(path, "samples", lambda: _scan_source(path), cache)
+        records = RecordFile(path, arrays["starts"], arrays["stops"])
+        return cls(source, records, arrays["lengths"], arrays["multimodal"], arrays["id_hashes"])
+
+
+def _scan_source(path: Path) -> dict[str, np.ndarray]:
+    lengths: list[int] = []
+    multimodal: list[bool] = []
+    ids: list[int] = []
+
+    def visit(_: int, record: Any) -> None:
+        lengths.append(record_length(record))
+        multimodal.append(record_is_multimodal(record))
+        ids.append(key_hash(str(record.get("id", "?")) if isinstance(record, dict) else "?"))
+
+    try:
+        records = RecordFile.scan(path, visit)
+    except RecordFileError as err:
+        raise ValueError(str(err)) from err
+    return {"starts": records.starts, "stops": records.stops, "lengths": np.asarray(lengths, dtype=np.int32),
+            "multimodal": np.asarray(multimodal, dtype=bool), "id_hashes": np.asarray(ids, dtype=np.int64)}  # fmt: skip
+
+
+class SampleIndex(Sequence[Sample]):
+    """The samples of a data config, parsed from disk on access (`index[i]` is a `Sample`).
+
+    `lengths` and `multimodal` are per-sample numpy arrays for the sampler; nothing else is held per sample
+    but its source number and record number."""
+
+    def __init__(self, sources: list[_SourceIndex], boxes: list[BoxLookup | None], which: np.ndarray,
+                 rows: np.ndarray) -> None:  # fmt: skip
+        self.sources, self.boxes = sources, boxes
+        self.which, self.rows = which, rows  # (n,) source number and record number of each sample
+        self.lengths = np.concatenate([s.lengths for s in sources])[self._flat()] if len(rows) else rows
+        self.multimodal = np.concatenate([s.multimodal for s in sources])[self._flat()] if len(rows) else rows
+
+    def _flat(self) -> np.ndarray:
+        offsets = np.cumsum([0] + [len(s.records) for s in self.sources])[:-1]
+        return offsets[self.which] + self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        k = int(self.which[index])
+        record = self.sources[k].records.read(int(self.rows[index]))
+        return Sample(
+            record if isinstance(record, dict) else {"_raw": record}, self.sources[k].source, self.boxes[k]
+        )
+
+    def without(self, ids: set[str]) -> SampleIndex:
+        """The samples whose id is not in `ids` (a check-data skip list)."""
+        if not ids:
+            return self
+        skip = np.asarray([key_hash(i) for i in ids], dtype=np.int64)
+        hashes = np.concatenate([s.id_hashes for s in self.sources])[self._flat()]
+        keep = ~np.isin(hashes, skip)
+        return SampleIndex(self.sources, self.boxes, self.which[keep], self.rows[keep])
+
+
+def data_sources(config: DataConfig) -> list[DataSource]:
+    """The config's sources and its mixture file's, in order."""
     sources = list(config.sources)
     if config.mixture:
         mixture = from_dict(DataConfig, read_yaml(config.mixture, "data"), "mixture")
         sources += mixture.sources
     if not sources:
         raise ValueError("no data sources: set data.sources or data.mixture")
-    samples = []
-    for source in sources:
-        boxes = BoxLookup.load(source.boxes) if source.boxes else None
-        for record in _apply_rule(read_records(source.path), source.sample, seed):
-            samples.append(Sample(record if isinstance(record, dict) else {"_raw": record}, source, boxes))
-    return samples
+    return sources
+
+
+def scan_share(config: DataConfig, cache: Path, rank: int = 0, world: int = 1) -> None:
+    """Scan this rank's share of the config's data and box files into `cache`: the largest file first, each
+    to the rank with the fewest bytes so far, so that N ranks scan N files at once and `load_samples` then
+    maps every scan (call it on every rank, then a barrier)."""
+    files: dict[tuple[str, str], DataSource] = {}
+    for source in data_sources(config):
+        files.setdefault(("samples", source.path), source)
+        if source.boxes:
+            files.setdefault(("boxes", source.boxes), source)
+    sizes = {key: Path(key[1]).stat().st_size if Path(key[1]).is_file() else 0 for key in files}
+    loads = [0] * world
+    for key in sorted(files, key=lambda k: -sizes[k]):
+        owner = min(range(world), key=lambda r: loads[r])
+        loads[owner] += sizes[key]
+        if owner != rank:
+            continue
+        if key[0] == "samples":
+            _SourceIndex.scan(files[key], cache)
+        else:
+            BoxLookup.on_disk(key[1], cache)
+
+
+def load_samples(config: DataConfig, seed: int = 0, cache: Path | None = None) -> SampleIndex:
+    """All samples of the config's sources (and its mixture file), in source order. With a `cache` folder
+    the scans of the data and box files are kept there and mapped back by later calls (utils.records)."""
+    sources = data_sources(config)
+    indexed = [_SourceIndex.scan(source, cache) for source in sources]
+    boxes = [BoxLookup.on_disk(source.boxes, cache) if source.boxes else None for source in sources]
+    kept = [_apply_rule(len(s.records), s.source.sample, seed) for s in indexed]
+    which = np.concatenate([np.full(len(rows), k, dtype=np.int32) for k, rows in enumerate(kept)])
+    return SampleIndex(indexed, boxes, which, np.concatenate(kept))
 
 
 def resolve_under(root: str | None, relative: str, sample_id: str) -> Path:
@@ -124,7 +255,7 @@ def resolve_under(root: str | None, relative: str, sample_id: str) -> Path:
 class LlavaDataset(torch.utils.data.Dataset):
     """Encodes samples with the processor; failures raise `SampleError` (see `SafeDataset`)."""
 
-    def __init__(self, samples: list[Sample], processor: Any) -> None:
+    def __init__(self, samples: Sequence[Sample], processor: Any) -> None:
         self.samples = samples
         self.processor = processor
 
@@ -169,7 +300,12 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def encode(self, sample: Sample) -> dict[str, Any]:
         messages = self.messages(sample)
-        visuals, box_problems, boxes_missing = self._visuals(sample)
+        try:
+            visuals, box_problems, boxes_missing = self._visuals(sample)
+        except SampleError:
+            raise
+        except ValueError as err:  # a malformed box record, parsed only now (boxes.ondisk)
+            raise SampleError(f"{sample.id}: {err}") from err
         text = "".join(str(m.get("value", m.get("content", ""))) for m in messages)
         for tag, n in ((IMAGE_TOKEN, len(visuals["images"])), (VIDEO_TOKEN, len(visuals.get("videos", [])))):
             if text.count(tag) != n:

@@ -118,7 +118,7 @@ def _pool_stage(stage: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.
     u_band = u_pad[index, torch.arange(b1 - b0, device=device)[:, None]]  # (b1 - b0, width, band)
     kernel = (u_band[..., None] * v_pad[index][:, :, None, :]).view(b1 - b0, width, band * w)
     pooled = torch.bmm(kernel, rows[b0 * band : b1 * band].view(b1 - b0, band * w, c))  # (b1 - b0, width, C)
-    out.index_add_(0, index.flatten(), pooled.view(-1, c))
+    out.index_add_(0, index.flatten(), pooled.view(-1, c).to(out.dtype))  # bmm is bf16 under autocast
     return out[:n]
 
 

@@ -74,3 +74,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     max_length: int | None = None  # None: the processor's (2048)
+    dist_timeout_minutes: float = (
+        60.0  # collectives and barriers (rank 0 writes the export while others wait)
+    )
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp16":
+            raise ValueError(
+                "precision: fp16 needs a gradient scaler, which this trainer does not have (fp16 gradients "
+                "underflow without one); use bf16 (the paper's) or fp32"
+            )

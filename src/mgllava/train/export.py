@@ -1,5 +1,7 @@
 """Export a trained stage as an HF folder (`config.json` + safetensors + processor), written atomically on
-rank 0: FSDP shards gathered, LoRA merged, QLoRA adapters merged into the full-precision LLM."""
+rank 0: FSDP shards gathered (to rank 0's host memory, `get_model_state_dict(full_state_dict, cpu_offload)`)
+and taken as they are by a model built on the meta device (no second whole copy), LoRA merged, QLoRA adapters
+merged into the full-precision LLM. The other ranks wait in a barrier under the run's `dist_timeout_minutes`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers.initialization import no_init_weights
 
 from ..config import to_dict
 from ..convert.folder import write_folder
@@ -28,12 +29,15 @@ def export(
     state = full_state(model) if sharded else None
     if dist.info().is_main:
         out = plain
-        if sharded:  # the sharded module holds DTensors: rebuild a plain one from the gathered weights
-            with no_init_weights():
+        if (
+            sharded
+        ):  # the sharded module holds DTensors: a plain one on meta takes the gathered tensors as they are
+            with torch.device("meta"):
                 out = MGLlavaForConditionalGeneration(plain.config)
             state |= replicated_params(plain, state)
-            out.load_state_dict(state)
+            out.load_state_dict(state, assign=True)  # no second whole copy on rank 0
             out.tie_weights()
+            _restore_buffers(out, plain)
             out.generation_config = plain.generation_config
         if config.stage.lora.quantize_4bit:
             out = merged_full_precision(out, config)
@@ -50,6 +54,15 @@ def export(
 
 
 DECODER = "model.language_model."  # the LLM's decoder in the model's state dict (LoRA/4-bit inside)
+
+
+def _restore_buffers(out: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Non-persistent buffers (not in a state dict, so still on meta in `out`): the trained module's."""
+    for name, buffer in plain.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        module = out.get_submodule(module_name)
+        if attr in module._non_persistent_buffers_set:
+            module.register_buffer(attr, buffer.detach().cpu().clone(), persistent=False)
 
 
 def merged_full_precision(model: MGLlavaForConditionalGeneration, config: TrainConfig):

@@ -16,15 +16,25 @@ def shard(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     collective ever runs for them, so ranks whose batches hold different numbers of images (or none) stay
     in step. A trainable tower is sharded, one unit per layer/stage; text-only batches then run it on a
     zero image (`_visual_graph_anchor`) so that every rank still runs the same units in the same order.
+
+    With `precision: bf16` the units all-gather parameters and compute in bf16 and reduce-scatter gradients
+    in fp32 (`MixedPrecisionPolicy`), the bytes of the reference's bf16 ZeRO; the sharded parameters, their
+    gradients and the optimizer state stay fp32.
     """
     if config.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if config.stage.lora.r > 0:
         raise ValueError("LoRA with FSDP is not supported yet; use parallel=ddp or one process")
+    bf16 = config.precision == "bf16"
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     ignored = set()
     towers = ((model.vision_tower, model.vision_tower.clip.encoder.layers), (model.high_res_tower, None))
     for tower, layers in towers:
@@ -32,12 +42,12 @@ def shard(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
             continue
         if any(p.requires_grad for p in tower.parameters()):
             for unit in layers if layers is not None else tower.encoder.stages:
-                fully_shard(unit)
+                fully_shard(unit, mp_policy=policy)
         else:
             ignored |= set(tower.parameters())
     for layer in _decoder_layers(model.language_model):
-        fully_shard(layer)
-    fully_shard(model, ignored_params=ignored)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, ignored_params=ignored, mp_policy=policy)
     return model
 
 

@@ -8,6 +8,10 @@ the same samples per step, and resuming at step s needs nothing but s.
 Length grouping (stage 2, LLaVA's `get_modality_length_grouped_indices` idea): image and text-only samples
 are grouped separately; a shuffled list is cut into megabatches of one global batch each, sorted by length
 inside, so that micro-batches hold similar lengths and pad less. The last partial global batch is dropped.
+Sorted longest-first and sliced contiguously, rank 0 would always get each round's longest micro-batch (the
+straggler and the memory peak), so each round of `world x per_device` samples is dealt out as LLaVA's
+`split_to_even_chunks` does: longest first, each to the rank with the least length so far that still has
+room (`balance_round`). Which samples a step trains on still depends only on (seed, epoch).
 """
 
 from __future__ import annotations
@@ -63,6 +67,38 @@ def micro_batches(
     ]
 
 
+def balance_round(indices: list[int], lengths: list[int], world: int, first: int = 0) -> list[int]:
+    """One round of micro-batches (`world` of equal size, contiguous in `indices`) re-dealt so that every rank
+    gets a similar total length: longest first, each to the lightest rank with room left (ties go to rank
+    `first`, then the next ones, so that the round's longest sample does not always land on rank 0)."""
+    if world == 1 or len(indices) % world:
+        return list(indices)
+    size = len(indices) // world
+    chunks: list[list[int]] = [[] for _ in range(world)]
+    totals = [0] * world
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        free = (r for r in range(world) if len(chunks[r]) < size)
+        rank = min(free, key=lambda r: (totals[r], (r - first) % world))
+        chunks[rank].append(i)
+        totals[rank] += lengths[i]
+    return [i for chunk in chunks for i in chunk]
+
+
+def balanced_micro_batches(
+    order: list[int], lengths: list[int], step_in_epoch: int, world: int, rank: int, per_device: int,
+    accumulation: int,
+) -> list[list[int]]:  # fmt: skip
+    """`micro_batches` with each accumulation round balanced across ranks (`balance_round`)."""
+    global_batch = world * per_device * accumulation
+    start = step_in_epoch * global_batch
+    round_size = world * per_device
+    batch = order[start : start + global_batch]
+    dealt = [i for m in range(accumulation)
+             for i in balance_round(batch[m * round_size : (m + 1) * round_size], lengths, world,
+                                   step_in_epoch * accumulation + m)]  # fmt: skip
+    return micro_batches(dealt, 0, world, rank, per_device, accumulation)
+
+
 def padding_fraction(lengths: list[list[int]]) -> float:
     """Share of padded positions when each micro-batch is padded to its longest sample."""
     total = sum(max(mb) * len(mb) for mb in lengths if mb)
@@ -96,9 +132,14 @@ def make_plan(config: Any, n_samples: int, world: int) -> Plan:
 class StepBatches:
     """Yields this rank's micro-batches (lists of sample indices) from `start` step to the end."""
 
-    def __init__(self, samples: list, config: Any, plan: Plan, rank: int, start: int) -> None:
-        self.lengths = [s.length() for s in samples]
-        self.multimodal = [s.is_multimodal for s in samples]
+    def __init__(self, samples: Any, config: Any, plan: Plan, rank: int, start: int) -> None:
+        """`samples`: a `data.dataset.SampleIndex` (its `lengths` and `multimodal` arrays are used, no record is
+        read) or a list of `Sample`s."""
+        if hasattr(samples, "lengths"):
+            self.lengths, self.multimodal = samples.lengths.tolist(), samples.multimodal.tolist()
+        else:
+            self.lengths = [s.length() for s in samples]
+            self.multimodal = [s.is_multimodal for s in samples]
         self.config, self.plan, self.rank, self.start = config, plan, rank, start
 
     def __iter__(self):
@@ -109,8 +150,13 @@ class StepBatches:
                 order = epoch_order(self.lengths, self.multimodal, self.config.stage.global_batch_size,
                                     self.config.seed, epoch, self.config.stage.length_grouped)  # fmt: skip
                 cached_epoch = epoch
-            yield from micro_batches(order, step % self.plan.steps_per_epoch, self.plan.world, self.rank,
-                                     self.plan.per_device, self.plan.accumulation)  # fmt: skip
+            step_in_epoch = step % self.plan.steps_per_epoch
+            if self.config.stage.length_grouped:
+                yield from balanced_micro_batches(order, self.lengths, step_in_epoch, self.plan.world, self.rank,
+                                                  self.plan.per_device, self.plan.accumulation)  # fmt: skip
+            else:
+                yield from micro_batches(order, step_in_epoch, self.plan.world, self.rank, self.plan.per_device,
+                                         self.plan.accumulation)  # fmt: skip
 
     def __len__(self) -> int:
         return (self.plan.total_steps - self.start) * self.plan.accumulation

@@ -3,10 +3,20 @@ saved folder, or a stage-1 export), LoRA / QLoRA adapters on the LLM.
 
     config --build_processor--> MGLlavaProcessor (no model needed: `check-data` uses only this)
     config --build_model--> (model, processor): preset | folder | init_from, 4-bit LLM for QLoRA, adapters
+    config --build_sharded--> FSDP2 model: built on the meta device, stage applied, sharded, then filled
+                              from rank 0's weights (only rank 0 ever holds the whole model)
+
+Sharded loading (`build_sharded`): every rank builds the model on the meta device (no memory), applies the
+stage, shards it as `train.parallel.shard` does and allocates only its own shards (`to_empty`); rank 0 alone
+builds the full model exactly as one process would (same seed, same folder) and
+`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)` sends every rank its shards (and the
+replicated frozen towers). Non-persistent buffers (rotary frequencies) are not in a state dict: rank 0
+broadcasts them too. So a run's initial weights equal the one-process run's, with one host copy in all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +75,60 @@ def build_model(config: TrainConfig) -> tuple[MGLlavaForConditionalGeneration, M
     if config.stage.lora.r > 0:
         model.language_model = add_lora(model.language_model, config)
     return model, processor
+
+
+def build_sharded(
+    config: TrainConfig, device: torch.device, prepare: Callable[[torch.nn.Module], None]
+) -> tuple[MGLlavaForConditionalGeneration, MGLlavaProcessor]:
+    """The FSDP2-sharded model (module docstring) and the processor; `prepare(model)` runs on the meta model
+    before sharding (the stage and gradient checkpointing, as the trainer applies them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .parallel import shard
+
+    main = dist.info().is_main
+    full = build_model(config)[0] if main else None  # the one-process model, on rank 0 only
+    processor = build_processor(config)
+    source = _source(config)
+    model_config = full.config if full is not None else _model_config(source, config)
+    with torch.device("meta"):
+        model = MGLlavaForConditionalGeneration(model_config)
+    prepare(model)
+    shard(model, config)
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+    _broadcast_buffers(model, full)
+    if full is not None:
+        model.generation_config = full.generation_config
+    del full, state
+    return model, processor
+
+
+def _model_config(source: str, config: TrainConfig) -> MGLlavaConfig:
+    if Path(source).is_dir():
+        return MGLlavaConfig.from_pretrained(source)
+    return MGLlavaConfig.from_preset(source, **config.model_overrides)
+
+
+def _broadcast_buffers(model: torch.nn.Module, full: torch.nn.Module | None) -> None:
+    """Rank 0's non-persistent buffers (not in a state dict: e.g. rotary inverse frequencies) and train/eval
+    modes (a loaded folder is in eval mode, a fresh preset in train mode) on every rank."""
+    names = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+             for name in module._non_persistent_buffers_set}  # fmt: skip
+    sent = None
+    if full is not None:
+        buffers = {n: b.detach().cpu() for n, b in full.named_buffers() if n in names}
+        sent = (buffers, {n: m.training for n, m in full.named_modules()})
+    values = [sent]
+    torch.distributed.broadcast_object_list(values, src=0)
+    buffers, modes = values[0]
+    for name, value in buffers.items():
+        module_name, _, buffer = name.rpartition(".")
+        getattr(model.get_submodule(module_name), buffer).copy_(value)
+    for name, module in model.named_modules():
+        module.training = modes[name]
 
 
 # QLoRA quantises the LLM's decoder layers only: every other part of the base model (matched from the start

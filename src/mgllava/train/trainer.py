@@ -16,6 +16,8 @@ A non-finite loss stops the run naming the step and its sample ids.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import math
@@ -28,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from ..config import to_dict
-from ..data.dataset import LlavaDataset, SafeDataset, load_samples
+from ..data.dataset import LlavaDataset, SafeDataset, load_samples, scan_share
 from ..utils import dist
 from ..utils.io import read_jsonl
 from .checkpoint import Checkpointer
@@ -37,7 +39,7 @@ from .export import export
 from .metrics import MetricsLog, step_record
 from .parallel import shard
 from .sampler import StepBatches, make_plan
-from .setup import build_model
+from .setup import build_model, build_sharded
 from .stages import apply_stage
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,16 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
     return factor
 
 
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Gradients are reduced across ranks on the last micro-batch of a step only: FSDP2 through
+    `set_requires_gradient_sync`, DDP through `no_sync` (which must also cover the backward)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def skipped_ids(path: str | None) -> set[str]:
     return {str(r["id"]) for r in read_jsonl(path)} if path else set()
 
@@ -68,23 +80,35 @@ def skipped_ids(path: str | None) -> set[str]:
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.info = dist.init()
+        self.info = dist.init(datetime.timedelta(minutes=config.dist_timeout_minutes))
         self.out = Path(config.output_dir)
         self.device = self.info.device
-        model, self.processor = build_model(config)
-        table = apply_stage(model, config.stage)
-        if config.gradient_checkpointing:
-            model.language_model.activation_checkpointing_enable({"use_reentrant": False})
-        self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{table}")
+        tables: list[str] = []
+
+        def prepare(model: torch.nn.Module) -> None:
+            tables.append(apply_stage(model, config.stage))
+            if config.gradient_checkpointing:
+                model.language_model.activation_checkpointing_enable({"use_reentrant": False})
+
+        sharded = self.info.world_size > 1 and config.parallel == "fsdp"
+        if sharded:  # built on meta, sharded, filled from rank 0: no rank holds a second whole copy
+            model, self.processor = build_sharded(config, self.device, prepare)
+        else:
+            model, self.processor = build_model(config)
+            prepare(model)
+        self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{tables[0]}")
         skip = skipped_ids(config.data.skip)
-        samples = [s for s in load_samples(config.data, config.seed) if s.id not in skip]
+        cache = Path(config.data.index_cache or self.out / "data-index")
+        scan_share(config.data, cache, self.info.rank, self.info.world_size)  # each rank scans its files
+        dist.barrier()  # then every rank maps every scan (utils.records); records stay on disk
+        samples = load_samples(config.data, config.seed, cache).without(skip)
         self.samples = samples
         self.dataset = SafeDataset(LlavaDataset(samples, self.processor))
         self.plan = make_plan(config, len(samples), self.info.world_size)
-        if not config.stage.lora.quantize_4bit:  # a 4-bit model is placed where it is loaded
+        if not sharded and not config.stage.lora.quantize_4bit:  # a 4-bit model is placed where it is loaded
             model.to(self.device)
         self.plain_model = model
-        self.model = shard(model, config) if self.info.world_size > 1 else model
+        self.model = shard(model, config) if self.info.world_size > 1 and not sharded else model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.stage.lr, betas=tuple(config.stage.betas),
                                            weight_decay=config.stage.weight_decay)  # fmt: skip
@@ -122,7 +146,7 @@ class Trainer:
         return batch
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        dtype = {"bf16": torch.bfloat16}.get(self.config.precision)
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def train_step(self, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,28 +154,25 @@ class Trainer:
         token count (every rank gets the same numbers)."""
         counts = torch.tensor(
             [
-                sum(
-                    int((m["labels"][:, 1:] != -100).sum()) for m in micro
-                ),  # supervised tokens (after shift)
+                sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro),  # supervised (after shift)
                 sum(int(m["attention_mask"].sum()) for m in micro),  # tokens processed
                 sum(len(m["replaced"]) for m in micro),  # unusable samples replaced
                 sum(m["boxes_missing"] for m in micro),  # images the box file lacks (zero-box fallback)
             ],
             dtype=torch.float64,
+            device=self.device,  # collectives get training-device tensors: NCCL has no CPU backend
         )
         if dist.active():
             torch.distributed.all_reduce(counts)
-        n_items = counts[0].long().to(self.device)
-        total = torch.zeros((), dtype=torch.float64)
+        n_items = counts[0].long()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for k, batch in enumerate(micro):
-            sync = k == len(micro) - 1
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(sync)
             inputs = {key: batch[key].to(self.device) for key in MODEL_INPUTS if key in batch}
-            with self._autocast():
-                loss = self.model(**inputs, num_items_in_batch=n_items).loss
-            (loss * self.info.world_size).backward()
-            total += loss.detach().double().cpu()
+            with gradient_sync(self.model, k == len(micro) - 1):
+                with self._autocast():
+                    loss = self.model(**inputs, num_items_in_batch=n_items).loss
+                (loss * self.info.world_size).backward()
+            total += loss.detach().double()
         if dist.active():
             torch.distributed.all_reduce(total)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.stage.max_grad_norm)
@@ -227,7 +248,14 @@ class Trainer:
         return export(self.model, self.plain_model, self.processor, self.config, self.step)
 
 
-RESUMABLE_CHANGES = {"max_steps", "save_every", "log_every", "keep_checkpoints", "num_workers"}
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "save_every",
+    "log_every",
+    "keep_checkpoints",
+    "num_workers",
+    "dist_timeout_minutes",
+}
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path, prefix: str = "") -> None:

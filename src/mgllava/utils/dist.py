@@ -1,11 +1,19 @@
 """torch.distributed helpers shared by box generation, training and evaluation.
 
 Under `torchrun` the environment gives RANK / WORLD_SIZE / LOCAL_RANK; `init()` starts the process group
-(NCCL on CUDA, gloo on CPU) once. Without torchrun everything works as one process of rank 0.
+once. Without torchrun everything works as one process of rank 0.
+
+On CUDA the group serves both kinds of tensor, `cpu:gloo,cuda:nccl`: NCCL alone has no CPU backend and
+refuses a CPU tensor ("No backend type associated with device type cpu"), and code that gathers Python
+objects or small CPU counters would die at its first collective. Hot paths (the trainer's per-step counts
+and loss) still hand NCCL device tensors; tests/train/collectives.py is the test mode that catches a
+collective given a tensor off the training device on a CPU-only machine. The group's timeout is the
+caller's: training waits in a barrier while rank 0 writes the export, longer than torch's 10-minute default.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,15 +49,26 @@ def info() -> DistInfo:
     )
 
 
-def init() -> DistInfo:
-    """Start the process group when launched by torchrun with more than one process."""
+def backend() -> str:
+    """The process group's backend per device type: NCCL for CUDA tensors and gloo for CPU tensors on a GPU
+    machine, gloo alone without one."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "cpu:gloo"
+
+
+def init(timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Start the process group when launched by torchrun with more than one process; `timeout` bounds
+    every collective and barrier (None: torch's default, 10 minutes for NCCL)."""
     current = info()
     if current.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(current.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend(), timeout=timeout, device_id=_device_id(current))
     return current
+
+
+def _device_id(current: DistInfo) -> torch.device | None:
+    """NCCL binds its communicator to this rank's GPU at start (no guessing from the current device)."""
+    return current.device if torch.cuda.is_available() else None
 
 
 def active() -> bool:

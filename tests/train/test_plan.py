@@ -1,0 +1,38 @@
+"""`mgllava train --plan`: the memory plan from the real model on the meta device, sharded on fake ranks."""
+
+import pytest
+
+from mgllava.cli import main
+from mgllava.config import load_config
+from mgllava.train.config import TrainConfig
+from mgllava.train.plan import plan
+
+TINY = ["data.sources=[]", "init_from=null", "stage.requires_init=false"]
+
+
+def tiny(stage: str, *extra: str) -> TrainConfig:
+    return load_config(TrainConfig, f"tiny-{stage}", [*TINY, *extra])
+
+
+def test_fsdp_shards_what_trains_and_replicates_the_frozen_towers():
+    one, two = plan(tiny("stage2"), 1, 80, "tiny"), plan(tiny("stage2"), 2, 80, "tiny")
+    assert 0.5 <= two.optimizer / one.optimizer < 0.55  # dim-0 shards, rank 0 takes the rounding
+    assert two.optimizer == 2 * two.gradients and two.gather > 0 and one.gather == 0
+    stage1 = plan(tiny("stage1"), 2, 80, "tiny")
+    assert stage1.parameters == pytest.approx(two.parameters) and stage1.optimizer < two.optimizer / 10
+    assert two.activations_checkpointed < two.activations_full
+
+
+def test_ddp_keeps_a_whole_copy_and_its_buckets():
+    ddp = plan(tiny("stage2", "parallel=ddp"), 2, 80, "tiny")
+    one = plan(tiny("stage2"), 1, 80, "tiny")
+    assert ddp.parameters == one.parameters and ddp.gradients == 2 * one.gradients
+
+
+def test_cli_prints_the_plan_and_exits_1_when_it_does_not_fit(capsys):
+    args = ["train", "--plan", "tiny-stage2", *TINY, "--world-size", "2"]
+    assert main([*args, "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "per-rank GPU memory on 2 x 80 GB" in out and "| tiny-stage2 |" in out and "fits" in out
+    assert main([*args, "--gpu-memory", "0.001"]) == 1
+    assert "does not fit" in capsys.readouterr().out
