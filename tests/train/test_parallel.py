@@ -26,7 +26,7 @@ def test_bf16_units_gather_and_compute_in_bf16_and_keep_fp32_shards(fake_two_ran
     model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("tiny"))
     apply_stage(model, config.stage)
     shard(model, config)
-    up = model.language_model.model.layers[0].mlp.up_proj
+    up = model.language_model.layers[0].mlp.up_proj
     seen = []
     up.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
     ids = torch.randint(0, 100, (1, 8))
