@@ -433,3 +433,35 @@ def test_stage1_reference_without_llm_keeps_the_folders_llm(tiny_components, tmp
     folder = AutoModelForCausalLM.from_pretrained(llm)
     assert torch.equal(model.language_model.norm.weight, folder.model.norm.weight)
     assert torch.equal(model.projector[0].weight, state["projector.model.0.weight"])
+
+
+# -- bf16 ----------------------------------------------------------------------------------------------------
+# Under CPU bf16 autocast (how training and bf16 serving run) both implementations round at their own points,
+# so they agree only to bf16 precision: the logits may differ by the float32 run's difference plus
+# BF16_LOGITS bf16 ulps (2**-8) of the largest float32 logit (measured: 1.2 ulps, 0.0042 on logits up to
+# 0.87, against 5e-7 in float32), and the greedy choice (argmax) must agree at GREEDY_AGREEMENT of the
+# positions at least (measured: all; argmax may flip where two logits are within bf16 rounding).
+BF16_LOGITS = 4
+GREEDY_AGREEMENT = 0.9
+
+
+def test_two_images_logits_match_the_reference_under_bf16_autocast(converted):
+    model, processor, ref = converted("vicuna")
+    batch = processor.apply_chat_template(
+        messages(IMAGE_TURNS), tokenize=True, return_dict=True, images=IMAGES, boxes=IMAGE_BOXES
+    )
+    runs = {}
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            visuals = []
+            for image, record in zip(IMAGES, IMAGE_BOXES, strict=True):
+                low, high = ref.image_pixels(image)
+                visuals.append(ref.visual_rows(low, high, [ref.image_boxes(record, *image.size)]))
+            expected = ref.forward(IMAGE_TURNS, visuals)[2].float()
+            got = model(**batch).logits[0, :, : expected.shape[-1]].float()
+        runs[autocast] = got, expected
+    (fp32, fp32_ref), (bf16, bf16_ref) = runs[False], runs[True]
+    tolerance = (fp32 - fp32_ref).abs().max() + BF16_LOGITS * 2.0**-8 * fp32_ref.abs().max()
+    assert (bf16 - bf16_ref).abs().max() <= tolerance
+    assert (bf16.argmax(-1) == bf16_ref.argmax(-1)).float().mean() >= GREEDY_AGREEMENT
+    assert not torch.equal(bf16, fp32)  # autocast did run in bf16

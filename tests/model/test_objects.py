@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import roi_align
 
 from mgllava.model.objects import pool_object_features
@@ -105,3 +106,37 @@ def test_banded_pooling_on_channels_last_bf16_maps_and_boxes_in_a_few_bands():
 def test_boxes_that_touch_no_row_give_zeros():
     out = pool_object_features(stages(), torch.tensor([[200.0, 200.0, 260.0, 300.0]] * 3), 128)
     assert out.shape == (3, 72) and not out.any()
+
+
+class AtomicAdds(TorchDispatchMode):
+    """Records the ops that accumulate through atomic adds on GPUs, which makes their sums depend on timing:
+    scatter_add / index_add / index_put with accumulate, and floating-point cumsum (torch's list of
+    nondeterministic CUDA ops)."""
+
+    ATOMIC = {"scatter_add", "scatter_add_", "index_add", "index_add_", "scatter_reduce", "scatter_reduce_"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        accumulate = name.startswith("index_put") and (
+            kwargs.get("accumulate") or (len(args) > 3 and args[3])
+        )
+        float_cumsum = name.startswith("cumsum") and args[0].is_floating_point()
+        if name in self.ATOMIC or accumulate or float_cumsum:
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def test_pooling_adds_in_a_fixed_order_without_atomic_adds():
+    # on CPU these ops are deterministic anyway, so the test checks which ops run: none that adds atomically
+    maps = stages(((8, 96), (16, 48), (24, 24), (32, 12)))
+    xy = torch.rand(30, 2) * 384
+    boxes = torch.cat([xy, xy + torch.rand(30, 2) * 200], 1)
+    with AtomicAdds() as mode:
+        out = pool_object_features(maps, torch.cat([boxes, EDGE_BOXES * 3]), 384)
+    assert mode.seen == []
+    assert torch.equal(out, pool_object_features(maps, torch.cat([boxes, EDGE_BOXES * 3]), 384))

@@ -13,12 +13,20 @@ layer scale and residual add in place on the tensors it has just created (`ConvN
 the same order, so bit-identical, but a block allocates 7 instead of 12 channel-widths of fresh memory. On
 CPU every large fresh allocation is page-faulted in again, which cost the frozen tower ~10% of its time.
 
+Numerics: the in-place path keeps `ConvNextModel`'s dtypes at every point. In float32 and in pure bf16 every
+op keeps its dtype and runs in place. Under bf16 autocast (how training runs the frozen tower) the convolutions
+and linear layers give bf16 while the layer scale and the residual stream stay float32, so the scaled branch
+is float32 new memory (as in `ConvNextModel`) and the residual is added into it in place; the stage maps are
+float32. Tested bit for bit against `ConvNextModel` run the same way in all three (tests/model/test_encoders.py).
+
 Deviation from the reference: the OpenCLIP trunk's `head` and `norm_pre` are not built at all (the
 reference builds and ignores them), and `ConvNextModel`'s pooling LayerNorm is left out, so every parameter
 here is one that the forward pass uses or that a checkpoint provides.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,8 +68,9 @@ class LowResEncoder(nn.Module):
 
 class ConvNextBlock(ConvNextLayer):
     """transformers' `ConvNextLayer` (same parameters and keys); when autograd does not record, GELU, layer
-    scale and the residual add run in place on the block's own intermediates - never on its input - which
-    gives bit-identical outputs with fewer large allocations."""
+    scale and the residual add run in place on the block's own intermediates - never on its input - where the
+    result keeps their dtype, which gives bit-identical outputs (float32, bf16, bf16 autocast) with fewer
+    large allocations."""
 
     def __init__(self, config: ConvNextConfig, dim: int) -> None:
         super().__init__(config, dim)
@@ -77,9 +86,20 @@ class ConvNextBlock(ConvNextLayer):
         torch.ops.aten.gelu_(hidden)
         out = self.pwconv2(hidden)  # (B, H, W, C)
         if self.layer_scale_parameter is not None:
-            out.mul_(self.layer_scale_parameter)
+            out = _in_place_if_same_dtype(torch.mul, out, self.layer_scale_parameter)
         out = self.drop_path(out.permute(0, 3, 1, 2))  # (B, C, H, W); the identity outside training
-        return out.add_(features)
+        return _in_place_if_same_dtype(torch.add, out, features)
+
+
+def _in_place_if_same_dtype(
+    op: Callable[..., torch.Tensor], out: torch.Tensor, other: torch.Tensor
+) -> torch.Tensor:
+    """`op(out, other)`, written into `out` when the result keeps its dtype. Under autocast `out` comes from a
+    bf16 linear layer while the layer scale and the residual are float32: the result is then float32, as in
+    `ConvNextLayer`, and needs new memory. Both ops are commutative elementwise, so the bits are the same."""
+    if torch.result_type(out, other) == out.dtype:
+        return op(out, other, out=out)
+    return op(out, other)
 
 
 class ConvNextStages(nn.Module):

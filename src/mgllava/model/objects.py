@@ -20,6 +20,12 @@ A box only touches the rows where its ``u = A_s.T w_y`` is non-zero. Each stage 
 the band with most boxes. At 100 boxes of 10 to 300 px on a 768 px image this is ~40% of the work of one
 dense ``outer(u, v) @ S_s`` GEMM over the whole map.
 
+Deterministic: no op accumulates through atomic adds (scatter_add, index_add, floating-point cumsum, all
+nondeterministic on GPUs): a cell's axis weight is an exact fixed-point run sum (`_axis_weights`) and a box
+sums its bands' GEMM rows by a gather and a sum over bands, in band order (`_pool_stage`); the tests check
+which ops run. Gradients (stage maps that require them) go back through indexing, whose CUDA backward
+accumulates: only the forward pass is claimed deterministic.
+
 Deviation from the reference: none in the numbers (tested against ``torchvision.ops.roi_align`` on the
 materialised map, edges and degenerate boxes included); only the order of float operations differs.
 """
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 ROI_OUTPUT_SIZE = 56
+_FIXED = 2.0**32  # fixed-point scale of the axis weights' exact sums (`_axis_weights`)
 
 
 def _upsample_matrix(src: int, dst: int, device: torch.device) -> torch.Tensor:
@@ -47,26 +54,40 @@ def _axis_weights(start: torch.Tensor, end: torch.Tensor, size: int, pooled: int
     start, end: (n,) float32 box edges already multiplied by the spatial scale. Returns (n, size) with
     ``w[k] @ line`` equal to the mean over this axis' sample points of torchvision's bilinear sample of
     ``line`` (its rules for points outside [-1, size] and at the last cell included).
+
+    A box's samples, taken in order (bin by bin, then within a bin), have non-decreasing cells, so each cell's
+    weight is the sum over a run of samples (found by `searchsorted`): a difference of prefix sums. These are
+    summed in 2**-32 fixed point as int64, exact in any order, so the result does not depend on the order of
+    atomic adds (no scatter; floating-point `cumsum` is not deterministic on GPUs either); the rounding,
+    at most 2**-33 per sample, is far below float32's.
     """
     length = torch.clamp(end - start, min=1.0)  # aligned=False: roi size at least one cell
     bin_size = length / pooled
     grid = torch.ceil(length / pooled).to(torch.long).clamp(min=1)  # sampling_ratio=-1 (adaptive)
     n, g_max = start.shape[0], int(grid.max()) if start.numel() else 1
-    p = torch.arange(pooled, device=start.device, dtype=start.dtype).view(1, pooled, 1)
-    i = torch.arange(g_max, device=start.device).view(1, 1, g_max)
-    offset = ((i.to(start.dtype) + 0.5) * bin_size.view(n, 1, 1)) / grid.view(n, 1, 1).to(start.dtype)
-    coord = start.view(n, 1, 1) + p * bin_size.view(n, 1, 1) + offset  # (n, pooled, g_max)
-    used = (i < grid.view(n, 1, 1)) & (coord >= -1.0) & (coord <= size)
-    coord = coord.clamp(min=0.0)
-    low = coord.to(torch.long)
+    m = torch.arange(pooled * g_max, device=start.device).view(
+        1, -1
+    )  # sample m: bin m // grid, point m % grid
+    p, i = m // grid.view(n, 1), m % grid.view(n, 1)
+    offset = ((i.to(start.dtype) + 0.5) * bin_size.view(n, 1)) / grid.view(n, 1).to(start.dtype)
+    coord = start.view(n, 1) + p.to(start.dtype) * bin_size.view(n, 1) + offset  # (n, pooled * g_max)
+    used = (m < pooled * grid.view(n, 1)) & (coord >= -1.0) & (coord <= size)
+    low = coord.clamp(min=0.0).to(torch.long)
     at_edge = low >= size - 1
+    frac = torch.where(at_edge | (coord < 0), torch.zeros_like(coord), coord - low.to(coord.dtype))
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)
-    high = torch.where(at_edge, low, low + 1)
-    frac = torch.where(at_edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
-    used_f = used.to(coord.dtype)
-    weights = torch.zeros(n, size, device=start.device, dtype=start.dtype)
-    weights.scatter_add_(1, low.view(n, -1), ((1.0 - frac) * used_f).view(n, -1))
-    weights.scatter_add_(1, high.view(n, -1), (frac * used_f).view(n, -1))
+    cell = torch.where(used, low, torch.where(coord < -1.0, -1, size))  # non-decreasing along each row
+    cells = torch.arange(size, device=start.device).expand(n, size).contiguous()
+    first = torch.searchsorted(cell, cells)  # (n, size): each cell's run of samples is [first, last)
+    last = torch.searchsorted(cell, cells, right=True)
+
+    def per_cell(values: torch.Tensor) -> torch.Tensor:  # (n, samples) in [0, 1] -> (n, size): run sums
+        prefix = F.pad(torch.round(values * _FIXED).to(torch.long).cumsum(1), (1, 0))
+        return (prefix.gather(1, last) - prefix.gather(1, first)).to(values.dtype) / _FIXED
+
+    near = per_cell((1.0 - frac) * used)  # the weight a sample gives its own cell
+    far = per_cell(frac * used)  # and the next cell (zero at the last cell: frac is 0 at the edge)
+    weights = near + F.pad(far[:, :-1], (1, 0))
     return weights / (pooled * grid.to(start.dtype)).view(n, 1)
 
 
@@ -105,9 +126,8 @@ def _pool_stage(stage: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.
     active = (first[None, :] < starts[:, None] + band) & (last[None, :] > starts[:, None])  # (bands, n)
     counts = active.sum(1)
     used = counts.nonzero().flatten()
-    out = torch.zeros(n + 1, c, device=device)
     if used.numel() == 0:
-        return out[:n]
+        return torch.zeros(n, c, device=device)
     b0, b1 = int(used[0]), int(used[-1]) + 1  # the bands between the first and last touched ones
     active, counts, width = active[b0:b1], counts[b0:b1], int(counts.max())
     order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :width]  # active boxes first
@@ -118,8 +138,11 @@ def _pool_stage(stage: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.
     u_band = u_pad[index, torch.arange(b1 - b0, device=device)[:, None]]  # (b1 - b0, width, band)
     kernel = (u_band[..., None] * v_pad[index][:, :, None, :]).view(b1 - b0, width, band * w)
     pooled = torch.bmm(kernel, rows[b0 * band : b1 * band].view(b1 - b0, band * w, c))  # (b1 - b0, width, C)
-    out.index_add_(0, index.flatten(), pooled.view(-1, c).to(out.dtype))  # bmm is bf16 under autocast
-    return out[:n]
+    # each box sums its bands' rows in band order (a gather, no atomic adds); a band it misses gives 0
+    slot = (active.cumsum(1) - 1).clamp(min=0)  # (b1 - b0, n): the box's row in the band's GEMM
+    band_of = torch.arange(b1 - b0, device=device)[:, None]
+    gathered = pooled[band_of, slot].float()  # bmm is bf16 under autocast; sum in float32
+    return torch.where(active[..., None], gathered, 0.0).sum(0)  # (n, C)
 
 
 def pool_object_features(
