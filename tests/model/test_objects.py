@@ -136,7 +136,14 @@ def test_pooling_adds_in_a_fixed_order_without_atomic_adds():
     maps = stages(((8, 96), (16, 48), (24, 24), (32, 12)))
     xy = torch.rand(30, 2) * 384
     boxes = torch.cat([xy, xy + torch.rand(30, 2) * 200], 1)
-    with AtomicAdds() as mode:
-        out = pool_object_features(maps, torch.cat([boxes, EDGE_BOXES * 3]), 384)
-    assert mode.seen == []
-    assert torch.equal(out, pool_object_features(maps, torch.cat([boxes, EDGE_BOXES * 3]), 384))
+    all_boxes = torch.cat([boxes, EDGE_BOXES * 3])
+    fast = pool_object_features(maps, all_boxes, 384)  # the CPU default: index_add_ (fixed order on the CPU)
+    torch.use_deterministic_algorithms(True)  # the path GPUs take
+    try:
+        with AtomicAdds() as mode:
+            out = pool_object_features(maps, all_boxes, 384)
+        assert mode.seen == []
+        assert torch.equal(out, pool_object_features(maps, all_boxes, 384))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(out, fast, rtol=1e-5, atol=1e-6)  # the same sums in another order
