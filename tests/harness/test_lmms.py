@@ -136,12 +136,17 @@ def run_lmms_eval(tmp_path: Path, tasks: Path, model: str, model_args: str) -> l
     return sorted((json.loads(line) for line in found[0].read_text().splitlines()), key=lambda r: r["doc_id"])
 
 
-def expected_answer(engine, doc, boxes, max_new_tokens=NEW_TOKENS, until=()):
-    """`Engine.chat` on the same document: one user turn, the image first, greedy; cut at the stop strings."""
+def raw_answer(engine, doc, boxes, max_new_tokens=NEW_TOKENS) -> str:
+    """`Engine.chat` on the same document (one user turn, the image first, greedy), decoded unstripped."""
     messages = [{"role": "user", "content": "<image>\n" + doc_to_text(doc)}]
     result = engine.chat(messages, images=[doc["image"]], boxes=[boxes],
                          settings=GenerationSettings(max_new_tokens=max_new_tokens))  # fmt: skip
-    text = engine.processor.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return engine.processor.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def expected_answer(engine, doc, boxes, max_new_tokens=NEW_TOKENS, until=()):
+    """The raw answer cut at the stop strings, then stripped (as the harness does)."""
+    text = raw_answer(engine, doc, boxes, max_new_tokens)
     for stop in until:
         text = text.split(stop, 1)[0]
     return text.strip()
@@ -157,7 +162,8 @@ def test_lmms_eval_command_line_runs_mgllava_with_a_box_file(model_dir, engine, 
             f"max_missing_boxes=0.25,box_report={report}")  # fmt: skip
     samples = run_lmms_eval(tmp_path, task_dir, "mgllava", args)
     assert [s["doc_id"] for s in samples] == [0, 1, 2, 3]
-    expected = [expected_answer(engine, doc, file_boxes(box_file, doc)) for doc in docs()]
+    # lmms-eval cuts generate_until answers at "\n\n" when a task's generation_kwargs give no `until`
+    expected = [expected_answer(engine, doc, file_boxes(box_file, doc), until=("\n\n",)) for doc in docs()]
     assert [s["filtered_resps"] for s in samples] == expected
     assert len({*expected}) == 4 and all(expected)  # distinct, non-empty answers: the comparison can fail
     used = {r["doc_id"]: r["images"] for r in map(json.loads, report.read_text().splitlines())}
@@ -220,8 +226,8 @@ def test_generate_until_batches_settings_and_cuts_at_until(model_dir, engine, bo
     expected = [expected_answer(engine, d, file_boxes(box_file, d), kwargs[i]["max_new_tokens"], kwargs[i].get("until", ()))
                 for i, d in enumerate(docs())]  # fmt: skip
     assert answers == expected and answers[0] and answers[2]
-    full = expected_answer(engine, docs()[1], file_boxes(box_file, docs()[1]), 9)
-    assert " " in full and answers[1] == full.split(" ")[0]  # the stop string did cut
+    raw = raw_answer(engine, docs()[1], file_boxes(box_file, docs()[1]), 9)
+    assert " " in raw and answers[1] == raw.split(" ", 1)[0].strip()  # the stop string cut the raw text
     lines = (tmp_path / "report.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["doc_id"] for line in lines) == [0, 1, 2, 3]
 
