@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..media.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..utils import dist
 from ..utils.hashing import sha256_bytes, sha256_file
-from ..utils.io import JsonlWriter, atomic_open
+from ..utils.io import JsonlWriter, atomic_open, jsonl_spans
 from .detector import Owlv2Detector
 from .files import BoxRecord, to_reference_json
 from .inputs import ImageItem, Scan, scan_input
@@ -136,21 +136,10 @@ def _index(out: Path) -> dict[str, _Line]:
     for path in [out, *_parts(out)]:
         if not path.is_file():
             continue
-        with path.open("rb") as handle:
-            offset = 0
-            for number, line in enumerate(handle, 1):
-                start, offset = offset, offset + len(line)
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    if line.endswith(b"\n"):
-                        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                    break  # torn tail
-                key, error = record_key(record), "error" in record
-                if key not in found or (found[key].error and not error):
-                    found[key] = _Line(path, start, error)
+        for _, start, _, record in jsonl_spans(path, allow_torn_tail=True):
+            key, error = record_key(record), "error" in record
+            if key not in found or (found[key].error and not error):
+                found[key] = _Line(path, start, error)
     return found
 
 

@@ -51,22 +51,32 @@ class JsonlError(ValueError):
     """A malformed JSONL file: names the file and the line."""
 
 
-def read_jsonl(path: str | Path, allow_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file. With `allow_torn_tail`, an unterminated unparsable last line is skipped."""
+def jsonl_spans(path: str | Path, allow_torn_tail: bool = False) -> Iterator[tuple[int, int, int, Any]]:
+    """(line number, start byte, end byte, record) of each non-blank line of a JSONL file, streamed (nothing
+    but the current line is held). With `allow_torn_tail`, an unterminated unparsable last line (a write
+    cut short) ends the file; any other unparsable line is a `JsonlError` naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if allow_torn_tail and number == len(lines) and not line.endswith("\n"):
-                return
-            raise JsonlError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from err
+    offset = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                if allow_torn_tail and not line.endswith(b"\n"):  # only the last line can lack one
+                    return
+                where = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else err
+                raise JsonlError(f"{path}:{number}: not valid JSON ({where})") from err
+            yield number, start, offset, record
+
+
+def read_jsonl(path: str | Path, allow_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file, each a JSON object (`jsonl_spans` for the rest)."""
+    for number, _, _, record in jsonl_spans(path, allow_torn_tail):
         if not isinstance(record, dict):
             raise JsonlError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield record

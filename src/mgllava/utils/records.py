@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .io import JsonlError, jsonl_spans
+
 INDEX_VERSION = 1  # bump when what a scan keeps changes
 CHUNK = 1 << 24  # bytes decoded at a time from a JSON list
 SEPARATORS = re.compile(r"[ \t\r\n,]*")
@@ -110,17 +112,11 @@ class RecordFile:
 
 
 def _jsonl_spans(path: Path) -> Iterator[tuple[int, int, Any]]:
-    offset = 0
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, 1):
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RecordFileError(f"{path}:{number}: not valid JSON ({err})") from err
-            yield start, offset, record
+    try:
+        for _, start, stop, record in jsonl_spans(path):
+            yield start, stop, record
+    except JsonlError as err:
+        raise RecordFileError(str(err)) from err
 
 
 def _safe_cut(data: bytes) -> int:
