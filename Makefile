@@ -28,7 +28,7 @@ export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow test-harness test-gpu test-latest lock lint format bench bench-components clean
+.PHONY: install browser demo test test-slow test-harness test-hf test-gpu test-latest lock lint format bench bench-components clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ browser:
 
 test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m slow
+
+# transformers' own common model tests (ModelTesterMixin, ConfigTester) on MG-LLaVA, from the sdist of the installed
+# transformers release, fetched once into .cache (scripts/transformers_tests.py says what the sdist lacks).
+test-hf: $(STAMP)
+	MGLLAVA_TRANSFORMERS_TESTS=$$($(BIN)/python scripts/transformers_tests.py) && export MGLLAVA_TRANSFORMERS_TESTS && \
+		$(BIN)/python -m pytest -q tests/hf
 
 # The GPU smoke suite (tests/gpu, marker `gpu`): bf16 against fp32, a training step on one GPU and an NCCL step on
 # every visible GPU (FSDP2 and DDP), the server on the GPU. Minutes on a GPU machine; without one it says so and skips.

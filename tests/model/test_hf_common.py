@@ -132,6 +132,8 @@ def test_dict_and_tuple_outputs_agree(tester, model_and_inputs):
     assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
     assert len(as_tuple) == len(as_dict.to_tuple())
     assert isinstance(features, tuple) and torch.equal(features[0], as_dict.image_outputs.last_hidden_state)
+    assert features[0].shape == (tester.batch_size, 1 + model.config.num_image_tokens,
+                                 model.config.vision_config.hidden_size)  # fmt: skip
     model.config.return_dict = False
     try:
         with torch.no_grad():
@@ -186,7 +188,10 @@ def test_hidden_states_and_attentions_of_every_part(tester):
     with torch.no_grad():  # the image rows come from CLIP's feature layer and the ConvNeXt stages
         low = image.hidden_states[config.vision_feature_layer][:, 1:]
         fused = model.fusion(low, list(image.high_res_hidden_states))
-        assert torch.equal(model.projector(fused), image.last_hidden_state)
+        rows = model.projector(fused)
+        assert torch.equal(image.last_hidden_state, image.hidden_states[-1])  # CLIP's last layer, as LLaVA's
+        for i, visual in enumerate(image.pooler_output):
+            assert torch.equal(visual[: config.num_image_tokens], rows[i])
 
 
 def test_save_then_load_gives_equal_logits(model_and_inputs, tmp_path):
@@ -263,3 +268,19 @@ def test_batched_equals_one_by_one(tester, model_and_inputs):
         with torch.no_grad():
             torch.testing.assert_close(model(**one).logits, batched[i : i + 1], atol=ATOL, rtol=ATOL)
         assert torch.equal(greedy(model, **one), greedy(model, **inputs)[i : i + 1])
+
+
+def test_image_features_without_boxes_have_no_object_rows(tester, model_and_inputs):
+    model, inputs = model_and_inputs
+    images = {k: inputs[k] for k in ("pixel_values", "high_res_pixel_values")}
+    with torch.no_grad():
+        plain = model.get_image_features(**images)
+        none = model.get_image_features(
+            **images,
+            object_boxes=torch.zeros(0, 4),
+            object_counts=torch.zeros(tester.batch_size, dtype=torch.long),
+        )
+    assert [r.shape[0] for r in plain.pooler_output] == [model.config.num_image_tokens] * tester.batch_size
+    assert all(torch.equal(a, b) for a, b in zip(plain.pooler_output, none.pooler_output, strict=True))
+    with pytest.raises(ValueError, match="object_boxes and object_counts go together"):
+        model.get_image_features(**images, object_boxes=inputs["object_boxes"])

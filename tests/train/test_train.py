@@ -232,3 +232,27 @@ def test_qlora_trains_4bit_llm_adapters_and_exports_merged_full_precision(data, 
         )
         == 2
     )  # fmt: skip  (QLoRA needs a saved folder)
+
+
+def test_training_the_vision_tower_leaves_its_unused_clip_parameters_frozen():
+    from mgllava import MGLlavaForConditionalGeneration
+    from mgllava.train.config import StageConfig
+    from mgllava.train.stages import apply_stage
+
+    from ..model.test_hf_common import MGLlavaModelTester
+
+    tester = MGLlavaModelTester()
+    config, inputs = tester.prepare_config_and_inputs_for_common()
+    model = MGLlavaForConditionalGeneration(config)
+    stage = StageConfig(name="all", trainable=["vision_tower", "high_res_tower", "new_modules", "language_model"], lr=1e-3,
+                        global_batch_size=2, per_device_batch_size=2)  # fmt: skip
+    apply_stage(model, stage)
+    clip = model.vision_tower.clip
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    last = len(clip.encoder.layers) - 1  # unused at the paper's feature layer -2, as post_layernorm
+    assert frozen == {
+        n for n, _ in model.named_parameters() if f"encoder.layers.{last}." in n or "post_layernorm" in n
+    }
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, -100)
+    model(**inputs, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # so DDP finds no unused

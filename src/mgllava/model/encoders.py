@@ -32,21 +32,45 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.convnext.modeling_convnext import ConvNextEmbeddings, ConvNextLayer, ConvNextStage
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+from transformers.models.convnext.modeling_convnext import (
+    ConvNextEmbeddings,
+    ConvNextLayer,
+    ConvNextPreTrainedModel,
+    ConvNextStage,
+)
 
 from .configuration import high_res_stage_strides, low_res_grid
 
 
-class LowResEncoder(nn.Module):
-    """CLIP ViT at low resolution; `forward(pixels (B,3,S,S)) -> (B, grid**2, hidden_size)`."""
+class LowResEncoder(CLIPPreTrainedModel):
+    """CLIP ViT at low resolution; `forward(pixels (B,3,S,S)) -> (B, grid**2, hidden_size)`. A CLIP
+    `PreTrainedModel` (its attention implementations, init and `_no_split_modules`) holding transformers'
+    `CLIPVisionModel` as `clip`."""
+
+    config: CLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
 
     def __init__(self, config: CLIPVisionConfig, feature_layer: int = -2) -> None:
-        super().__init__()
+        super().__init__(config)
         self.clip = CLIPVisionModel(config)
         self.feature_layer = feature_layer
         self.image_size = int(config.image_size)
         self.hidden_size = int(config.hidden_size)
         self.grid = low_res_grid(config)
+        self.post_init()
+        for param in self.unused_parameters():
+            param.requires_grad_(False)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """CLIP's parameters that the features never depend on, kept frozen (a trainable one would get no
+        gradient, which DDP refuses): the layers after `feature_layer` (the last one at the paper's -2) and
+        `post_layernorm` (it feeds only CLIP's pooled output)."""
+        layers = self.clip.encoder.layers
+        used = self.feature_layer % (len(layers) + 1)  # hidden_states[k] is the output of layer k - 1
+        unused = [*layers[used:], self.clip.post_layernorm]
+        return [p for module in unused for p in module.parameters()]
 
     @property
     def num_tokens(self) -> int:
@@ -119,17 +143,34 @@ class ConvNextStages(nn.Module):
             self.stages.append(stage)
 
 
-class HighResEncoder(nn.Module):
-    """ConvNeXt stem + stages; `forward(pixels (B,3,S,S)) -> [stage maps (B, C_s, S/stride_s, S/stride_s)]`."""
+class HighResEncoder(ConvNextPreTrainedModel):
+    """ConvNeXt stem + stages; `forward(pixels (B,3,S,S)) -> [stage maps (B, C_s, S/stride_s, S/stride_s)]`.
+    A ConvNeXt `PreTrainedModel` (its init, which sets the layer scale; no attention, so no attention
+    implementation to choose); a stage is never split across devices (ConvNeXt's `_no_split_modules`)."""
+
+    _no_split_modules = ["ConvNextEmbeddings", "ConvNextStage", "ConvNextBlock"]
+    # No attention layers: every implementation is accepted and none changes anything (as transformers'
+    # timm wrappers declare), so a model-wide `attn_implementation` passes through to CLIP and the LLM.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def get_correct_attn_implementation(
+        self, requested: str | None, is_init_check: bool = False
+    ) -> str | None:
+        """What was asked, unchecked and unresolved (nothing here attends): building the tower leaves its
+        config's attention unset, so the config still builds transformers' `ConvNextModel`."""
+        return requested
 
     def __init__(self, config: ConvNextConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         self.embeddings = ConvNextEmbeddings(config)
         self.encoder = ConvNextStages(config)
         self.image_size = int(config.image_size)
         self.stage_channels = [int(c) for c in config.hidden_sizes]
         self.stage_strides = high_res_stage_strides(config)
         self.grid = self.image_size // self.stage_strides[-1]
+        self.post_init()
 
     @property
     def pooled_channels(self) -> int:

@@ -24,7 +24,7 @@ per image, so transformers' `generate` encodes the images once before prefill (`
 the base model as for LLaVA) and callers may pass pre-computed features to reuse them across turns.
 
 Deviations from LLaVA: two towers and object rows (one placeholder per visual row, not per image patch),
-and `get_image_features`' `last_hidden_state` is the projected rows, not the tower's last layer.
+and `get_image_features`' `pooler_output` holds an image's object rows after its image rows.
 Deviations from the reference (docs/design.md section 13): real attention masks and position ids for padded
 batches; text-only samples add no phantom row; the placeholder is a vocabulary token, not -200, and its
 column is left out of the loss (`mask_placeholder`: the cross-entropy is the reference's, over the LLM's own
@@ -76,12 +76,12 @@ class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
 
 @dataclass
 class MGLlavaImageOutput(BaseModelOutputWithPooling):
-    """What `get_image_features` returns. `last_hidden_state`: the (B_img, 576, H) projected image rows;
-    `pooler_output`: one (576 + n_i, H) tensor of visual rows per image (image rows, then its object rows:
-    what fills its placeholders). When asked (`output_hidden_states`, `output_attentions`), as LLaVA returns its
-    tower's: `hidden_states` and `attentions` of the CLIP tower (embeddings + every layer, CLS included), and
-    `high_res_hidden_states`, the ConvNeXt stage maps (B_img, C_s, H_s, W_s). LLaVA's `last_hidden_state` is
-    its tower's last layer; ours stays the projected rows, which callers have always received."""
+    """What `get_image_features` returns, as LLaVA's: `last_hidden_state`, the CLIP tower's last layer
+    (B_img, 1 + 576, C_lo), CLS included; `pooler_output`: one (576 + n_i, H) tensor of visual rows per image
+    (projected image rows, then its object rows: what fills its placeholders). When asked
+    (`output_hidden_states`, `output_attentions`), as LLaVA returns its tower's: `hidden_states` and
+    `attentions` of the CLIP tower (embeddings + every layer, CLS included), and `high_res_hidden_states`,
+    the ConvNeXt stage maps (B_img, C_s, H_s, W_s)."""
 
     high_res_hidden_states: tuple[torch.Tensor, ...] | None = None
 
@@ -245,14 +245,15 @@ class MGLlavaModel(MGLlavaPreTrainedModel):
         image_rows = self.projector(fused.to(proj_param.device, proj_param.dtype))  # (B, N, H)
         rows = list(image_rows)
         if self.box_projector is not None:
-            if object_boxes is None or object_counts is None:
-                raise ValueError(
-                    "this model uses object tokens: pass object_boxes and object_counts (processor output)"
-                )
+            if (object_boxes is None) != (object_counts is None):
+                raise ValueError("object_boxes and object_counts go together (processor output): pass both")
+            if object_boxes is None:  # no boxes: no object rows, as `boxes=[]` for every image
+                object_boxes = pixel_values.new_zeros(0, 4)
+                object_counts = torch.zeros(len(rows), dtype=torch.long)
             objects = self.get_object_features(stages, object_boxes, object_counts)
             rows = [self.object_mixer(r, o.to(r.device, r.dtype)) for r, o in zip(rows, objects, strict=True)]
         return MGLlavaImageOutput(
-            last_hidden_state=image_rows,
+            last_hidden_state=clip_out.last_hidden_state,
             pooler_output=rows,
             hidden_states=clip_out.hidden_states if hidden else None,
             attentions=clip_out.attentions if attentions else None,
@@ -571,7 +572,7 @@ def _register_key_map() -> None:
     `write_folder` or training until then), as transformers maps LLaVA's old layout: the ForCG map moves
     the parts under `model.` (and the head to `lm_head`), the base model's map drops the decoder's inner
     `model.`. Saving reverts the map, so folders are still written in the flat layout."""
-    parts = [m for m in MODULES if m != "language_model"]
+    parts = "|".join(m for m in MODULES if m != "language_model")
     register_checkpoint_conversion_mapping(
         "MGLlavaModel",
         [WeightRenaming(source_patterns=r"^language_model\.model\.", target_patterns="language_model.")],
@@ -582,7 +583,8 @@ def _register_key_map() -> None:
         [
             WeightRenaming(source_patterns=r"^language_model\.lm_head\.", target_patterns="lm_head."),
             WeightRenaming(source_patterns=r"^language_model\.", target_patterns="model.language_model."),
-            *(WeightRenaming(source_patterns=rf"^{m}\.", target_patterns=f"model.{m}.") for m in parts),
+            # one rule for all parts: a variant without some part (no object_mixer weights) still uses it
+            WeightRenaming(source_patterns=rf"^({parts})\.", target_patterns=r"model.\1."),
         ],
         overwrite=True,
     )

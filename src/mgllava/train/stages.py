@@ -43,6 +43,8 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> str:
     for name in names:
         for pname, param in _named_parameters(parts[name]):
             param.requires_grad = not (lora and name == "language_model") or "lora_" in pname
+    for param in model.vision_tower.unused_parameters():
+        param.requires_grad = False  # never reached by the loss: no gradient, which DDP would refuse
     return parameter_table(model)
 
 
