@@ -23,7 +23,6 @@ from mgllava.boxes.lookup import BoxLookup, ImageKey
 from mgllava.boxes.proposer import content_key
 from mgllava.boxes.select import FrameMap, prepare_boxes
 from mgllava.boxes.taggers import RamPlusTagger, parse_ram_tags
-from mgllava.data.image_processor import MGLlavaImageProcessor
 from mgllava.data.processor import MGLlavaProcessor
 from mgllava.utils.hashing import sha256_file
 
@@ -151,20 +150,23 @@ def test_ram_plus_says_how_to_install_and_parses_like_the_reference():
 
 def test_processor_proposes_boxes_when_none_are_given(box_models, detector, tmp_path):
     proposer = BoxProposer(FixedTagger(TAGS), detector, cache_size=8)
-    processor = MGLlavaImageProcessor(low_res_size=28, high_res_size=64, proposer=proposer)
+    processor = MGLlavaProcessor.from_preset("tiny")
+    processor.proposer = proposer
+    side = processor.image_processor.high_res_size
     a, b = image(80, 50, 10), image(50, 80, 11)
-    out = processor([a, b, a.copy()], boxes=None)
+    out = processor(text="<image><image><image>", images=[a, b, a.copy()])
     expected = [
-        prepare_boxes(boxes, FrameMap.padded(*im.size, 64))
+        prepare_boxes(boxes, FrameMap.padded(*im.size, side))
         for im, boxes in zip([a, b], detector.detect([a, b], [TAGS] * 2), strict=True)
     ]
     assert out["object_counts"].tolist() == [len(expected[0]), len(expected[1]), len(expected[0])]
     assert torch.equal(out["object_boxes"][: len(expected[0])], expected[0].xyxy)
     assert proposer.stats == {"file": 0, "cache": 0, "detected": 2}  # the copy of `a` is the same picture
-    processor([a], boxes=None)
+    processor(text="<image>", images=[a], boxes=None)
     assert proposer.stats["cache"] == 1
-    mine = processor([a, b], boxes=[[[1, 1, 20, 20]], []])  # given boxes, and "no boxes": no proposal
+    mine = processor(text="<image><image>", images=[a, b], boxes=[[[1, 1, 20, 20]], []])  # given, and "none"
     assert mine["object_counts"].tolist() == [1, 1] and mine["object_boxes"][1].tolist() == [0, 0, 0, 0]
+    assert "proposer" not in vars(processor.image_processor)  # no detector inside the image processor
     assert proposer.stats["detected"] == 2
 
 
@@ -182,7 +184,7 @@ def test_proposer_reads_a_box_file_by_content_hash(detector, tmp_path):
 
 def test_a_processor_with_a_proposer_saves_and_loads_without_it(detector, tmp_path):
     processor = MGLlavaProcessor.from_preset("tiny")
-    processor.image_processor.proposer = BoxProposer(FixedTagger(TAGS), detector)
+    processor.proposer = BoxProposer(FixedTagger(TAGS), detector)
     batch = processor(text="<image>\nWhat is in the image?", images=image(90, 60, 13))
     rows = int((batch["input_ids"] == processor.image_token_id).sum())
     assert (
@@ -191,7 +193,7 @@ def test_a_processor_with_a_proposer_saves_and_loads_without_it(detector, tmp_pa
     processor.save_pretrained(tmp_path / "p")
     assert "proposer" not in (tmp_path / "p" / "processor_config.json").read_text()
     loaded = MGLlavaProcessor.from_pretrained(tmp_path / "p")
-    assert loaded.image_processor.proposer is None and processor.image_processor.proposer is not None
+    assert loaded.proposer is None and processor.proposer is not None
     assert loaded(text="<image>\nhi", images=image(90, 60, 13))["object_counts"].tolist() == [
         1
     ]  # zero-box fallback

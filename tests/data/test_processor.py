@@ -57,6 +57,22 @@ def test_left_and_right_padding_with_real_masks(processor):
     assert (left["input_ids"][0, :-n_short] == processor.pad_token_id).all()
 
 
+def test_options_merge_as_transformers_processors_do(processor):
+    texts, images = ["<image>\nshort", "a much longer piece of text here"], [image()]
+    flat = processor(text=texts, images=images, padding_side="right", add_special_tokens=False)
+    nested = processor(
+        text=texts, images=images, text_kwargs={"padding_side": "right", "add_special_tokens": False}
+    )
+    assert flat.keys() == nested.keys() and all(torch.equal(flat[k], nested[k]) for k in flat)
+    assert flat["input_ids"][0, 0] != processor.tokenizer.bos_token_id and flat["attention_mask"][1, -1] == 0
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(text=texts, padding_side="left", text_kwargs={"padding_side": "right"})
+    with pytest.raises(
+        ValueError, match=r"does not support the text option\(s\) \['max_length', 'padding'\]"
+    ):
+        processor(text=texts, padding="max_length", max_length=64)
+
+
 def test_over_long_text_is_an_error_or_truncated_keeping_visual_rows(processor, caplog):
     processor = MGLlavaProcessor.from_preset("tiny", max_length=40)
     long_answer = " ".join(["word"] * 60)

@@ -10,7 +10,7 @@ For each image, in order:
 Without a detector, an image the box file lacks gets no boxes (None) and is counted as missing by the
 lookup. Each proposal says where it came from (`Proposal.source`: "box_file", "detector" or "missing").
 
-Attach it to a processor with `processor.image_processor.proposer = proposer`, or give it to
+Attach it to a processor with `processor.proposer = proposer`, or give it to
 `inference.Engine`: images whose boxes are not given (None) get proposals; `boxes=[]` for an image still
 means "no boxes". The proposer is runtime state: `save_pretrained` leaves it out. Thread-safe.
 """

@@ -11,9 +11,9 @@ square to 768 with PIL bicubic); its chat demo resized to 336 and zero-padded in
 A batch returns `pixel_values` (B, 3, S_lo, S_lo), `high_res_pixel_values` (B, 3, S_hi, S_hi) and, when the
 model uses object tokens, `object_boxes` (sum n_i, 4) with `object_counts` (B,).
 
-Boxes per image: given (original pixels), `[]` for none, or None for "not given": then the attached
-`proposer` (a `boxes.proposer.BoxProposer`, runtime state that `save_pretrained` leaves out) proposes them;
-without a proposer, None means no boxes.
+Boxes per image: given (original pixels), `[]` for none, or None for "not given", which here means no boxes.
+No detector lives here: `MGLlavaProcessor.proposer` (or the engine's) fills boxes that are not given before
+the images reach this processor.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         box_empty_fallback: bool = True,
         invalid_boxes: str = "drop",
         num_frames: int = 8,
-        proposer: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,7 +84,6 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         if int(num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = int(num_frames)  # frames sampled per video (docs/design.md section 8: 8)
-        self.proposer = proposer
         _ = self.box_options  # validates the box settings now rather than at the first image
 
     @property
@@ -98,22 +96,6 @@ class MGLlavaImageProcessor(BaseImageProcessor):
             empty_fallback=self.box_empty_fallback,
             invalid=self.invalid_boxes,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.pop("proposer", None)  # runtime state, never saved
-        return out
-
-    def _propose(self, sources: list[Any], rgbs: list[Image.Image], boxes: list[Any]) -> list[Any]:
-        """Fill the images whose boxes are not given (None) from the proposer, when one is attached."""
-        missing = [i for i, b in enumerate(boxes) if b is None]
-        if self.proposer is None or not self.use_object_tokens or not missing:
-            return boxes
-        proposed = self.proposer([sources[i] for i in missing], [rgbs[i] for i in missing])
-        boxes = list(boxes)
-        for i, found in zip(missing, proposed, strict=True):
-            boxes[i] = found
-        return boxes
 
     @property
     def fill_color(self) -> tuple[int, int, int]:
@@ -199,7 +181,6 @@ class MGLlavaImageProcessor(BaseImageProcessor):
             raise ValueError(f"got {len(image_list)} images but boxes for {len(box_list)}")
         lows, highs, framed = [], [], []
         rgbs = [load_image(image, self.max_image_pixels, self.apply_exif) for image in image_list]
-        box_list = self._propose(list(image_list), rgbs, box_list)
         for image, rgb, image_boxes in zip(image_list, rgbs, box_list, strict=True):
             low, high = self.pixels(rgb)
             lows.append(low[None])

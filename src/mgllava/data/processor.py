@@ -29,7 +29,9 @@ from typing import Any, NamedTuple
 
 import torch
 from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, Unpack
 
+from ..media.images import load_image
 from ..model.configuration import APPENDS_ROWS, MGLlavaConfig, load_preset
 from .image_processor import MGLlavaImageProcessor
 from .templates import (
@@ -90,6 +92,36 @@ def images_in_messages(messages: list[dict[str, Any]]) -> list[Any]:
     return found
 
 
+class MGLlavaProcessorKwargs(ProcessingKwargs, total=False):
+    """The keyword arguments `MGLlavaProcessor.__call__` takes, merged as transformers merges every processor's
+    (`_merge_kwargs`: flat, or per modality as `text_kwargs={...}`). Of the text options, the processor
+    honours `add_special_tokens`, `truncation` (to the sequence budget, never cutting placeholder rows) and
+    `padding_side` (default: the processor's); batches are always padded to their longest sample."""
+
+    _defaults = {
+        "text_kwargs": {"add_special_tokens": True, "truncation": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
+HONOURED_TEXT_KWARGS = ("add_special_tokens", "truncation", "padding_side", "return_tensors")
+
+
+def _text_options(text_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The merged text options we honour; any other one set to a value is refused, naming it."""
+    ignored = {
+        k: v for k, v in text_kwargs.items() if k not in HONOURED_TEXT_KWARGS and v not in (None, False)
+    }
+    if ignored:
+        raise ValueError(
+            f"MGLlavaProcessor does not support the text option(s) {sorted(ignored)}: it takes "
+            f"{', '.join(HONOURED_TEXT_KWARGS)} (the sequence budget is the processor's max_length)"
+        )
+    if text_kwargs["truncation"] not in (True, False):
+        raise ValueError(f"truncation must be True or False, got {text_kwargs['truncation']!r}")
+    return {k: text_kwargs.get(k) for k in HONOURED_TEXT_KWARGS}
+
+
 class MGLlavaProcessor(ProcessorMixin):
     def __init__(
         self,
@@ -118,6 +150,9 @@ class MGLlavaProcessor(ProcessorMixin):
             raise ValueError(f"the tokenizer has no {image_token!r} token; add it as a special token first")
         chat_template = chat_template or jinja_chat_template(get_template(template))
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        # Optional `boxes.BoxProposer` (box file, then detector) for images given without boxes (None). Runtime
+        # state, not a constructor argument, so `save_pretrained` leaves it out; the image processor has none.
+        self.proposer: Any = None
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -196,7 +231,7 @@ class MGLlavaProcessor(ProcessorMixin):
         """Tensors of the sample's images and videos in the order of their tags, and the visual rows of each
         tag (an image: num_image_tokens + its boxes; a video: that, summed over its frames)."""
         queues = {
-            IMAGE_MARKER: iter(zip(images, image_boxes or [None] * len(images), strict=True)),
+            IMAGE_MARKER: iter(zip(images, self._propose(images, image_boxes), strict=True)),
             VIDEO_MARKER: iter(zip(videos, video_boxes or [None] * len(videos), strict=True)),
         }
         parts, rows = [], []
@@ -214,6 +249,18 @@ class MGLlavaProcessor(ProcessorMixin):
             )
             parts.append(features)
         return _concat(parts), rows
+
+    def _propose(self, images: list[Any], boxes: list[Any] | None) -> list[Any]:
+        """Each image's boxes, those not given (None) filled by the proposer in one batch when one is set."""
+        boxes = list(boxes) if boxes is not None else [None] * len(images)
+        missing = [i for i, b in enumerate(boxes) if b is None]
+        if self.proposer is None or not self.image_processor.use_object_tokens or not missing:
+            return boxes
+        ip = self.image_processor
+        rgbs = [load_image(images[i], ip.max_image_pixels, ip.apply_exif) for i in missing]
+        for i, found in zip(missing, self.proposer([images[i] for i in missing], rgbs), strict=True):
+            boxes[i] = found
+        return boxes
 
     def _expand(self, ids: list[int], labels: list[int] | None, rows: list[int], truncation: bool):
         """Replace each image/video marker by its run of placeholder tokens, then enforce the budget."""
@@ -293,13 +340,14 @@ class MGLlavaProcessor(ProcessorMixin):
         boxes: Any = None,
         videos: list[Any] | None = None,
         video_boxes: list[Any] | None = None,
-        padding_side: str | None = None,
-        add_special_tokens: bool = True,
-        truncation: bool = False,
-        return_tensors: str = "pt",
-        **kwargs: Any,
+        **kwargs: Unpack[MGLlavaProcessorKwargs],
     ) -> BatchFeature:
-        """Raw text with `<image>` / `<video>` tags; images (and videos) are taken in tag order."""
+        """Raw text with `<image>` / `<video>` tags; images (and videos) are taken in tag order. Options
+        (`MGLlavaProcessorKwargs`): `add_special_tokens`, `truncation`, `padding_side`, `return_tensors`."""
+        merged = self._merge_kwargs(MGLlavaProcessorKwargs, **kwargs)
+        options = _text_options(merged["text_kwargs"])
+        add_special_tokens, truncation = options["add_special_tokens"], options["truncation"]
+        padding_side, return_tensors = options["padding_side"], options["return_tensors"]
         texts = [text] if isinstance(text, str) else list(text or [])
         single = not isinstance(images, (list, tuple)) and images is not None
         image_list = [images] if single else list(images or [])
