@@ -162,3 +162,25 @@ def test_device_map_auto_splits_the_model_but_no_tower_block(max_memory):
         model, max_memory=max_memory, no_split_module_classes=["LlamaDecoderLayer"]
     )
     assert _split_blocks(model, decoder_only)
+
+
+def test_towers_are_pretrained_models_initialised_by_the_composite():
+    """Both towers are transformers PreTrainedModels (CLIP's and ConvNeXt's); the ConvNeXt tower calls no
+    `post_init` of its own, so the composite initialises it in the draw order of before (seeded models and
+    the demo's tables are unchanged) - and it does initialise it: normal(0, 0.02), layer scale as set."""
+    import torch
+    from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+    from transformers.models.convnext.modeling_convnext import ConvNextPreTrainedModel
+
+    from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration
+
+    config = MGLlavaConfig.from_preset("tiny")
+    model = MGLlavaForConditionalGeneration(config)
+    assert isinstance(model.vision_tower, CLIPPreTrainedModel) and model.vision_tower._supports_sdpa
+    assert isinstance(model.high_res_tower, ConvNextPreTrainedModel)
+    assert model.high_res_tower.config is config.high_res_config
+    block = model.high_res_tower.encoder.stages[0].layers[0]
+    assert torch.all(block.layer_scale_parameter == config.high_res_config.layer_scale_init_value)
+    weights = torch.cat([p.flatten() for n, p in model.high_res_tower.named_parameters() if n.endswith("weight")
+                         and p.dim() > 1])  # fmt: skip
+    assert abs(float(weights.std()) - 0.02) < 0.002 and abs(float(weights.mean())) < 0.002

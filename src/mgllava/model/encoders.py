@@ -170,7 +170,8 @@ class HighResEncoder(ConvNextPreTrainedModel):
         self.stage_channels = [int(c) for c in config.hidden_sizes]
         self.stage_strides = high_res_stage_strides(config)
         self.grid = self.image_size // self.stage_strides[-1]
-        self.post_init()
+        # no `post_init()` here: the composite's initialises these weights, in the order (and so with the
+        # random numbers) of before this was a PreTrainedModel
 
     @property
     def pooled_channels(self) -> int:
