@@ -181,6 +181,6 @@ def test_towers_are_pretrained_models_initialised_by_the_composite():
     assert model.high_res_tower.config is config.high_res_config
     block = model.high_res_tower.encoder.stages[0].layers[0]
     assert torch.all(block.layer_scale_parameter == config.high_res_config.layer_scale_init_value)
-    weights = torch.cat([p.flatten() for n, p in model.high_res_tower.named_parameters() if n.endswith("weight")
+    weights = torch.cat([p.detach().flatten() for n, p in model.high_res_tower.named_parameters() if n.endswith("weight")
                          and p.dim() > 1])  # fmt: skip
     assert abs(float(weights.std()) - 0.02) < 0.002 and abs(float(weights.mean())) < 0.002
