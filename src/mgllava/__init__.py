@@ -13,8 +13,9 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
 )
+from transformers.models.auto import image_processing_auto as _image_auto
 
-from .data.image_processor import MGLlavaImageProcessor
+from .data.image_processor import MGLlavaImageProcessor, MGLlavaImageProcessorTorchvision
 from .data.processor import MGLlavaProcessor
 from .model.configuration import MGLlavaConfig
 from .model.modeling import MGLlavaForConditionalGeneration, MGLlavaModel
@@ -27,15 +28,19 @@ AutoModelForImageTextToText.register(MGLlavaConfig, MGLlavaForConditionalGenerat
 AutoModelForCausalLM.register(MGLlavaConfig, MGLlavaForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(
     MGLlavaConfig,
-    image_processor_classes={"torchvision": MGLlavaImageProcessor, "pil": MGLlavaImageProcessor},
+    image_processor_classes={"pil": MGLlavaImageProcessor, "torchvision": MGLlavaImageProcessorTorchvision},
     exist_ok=True,
 )
+# PIL by default (the reference's pixels), as transformers does for processors whose torchvision path differs
+if "MGLlavaImageProcessor" not in _image_auto.DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS:
+    _image_auto.DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS.append("MGLlavaImageProcessor")
 AutoProcessor.register(MGLlavaConfig, MGLlavaProcessor, exist_ok=True)
 
 __all__ = [
     "MGLlavaConfig",
     "MGLlavaForConditionalGeneration",
     "MGLlavaImageProcessor",
+    "MGLlavaImageProcessorTorchvision",
     "MGLlavaModel",
     "MGLlavaProcessor",
 ]

@@ -187,3 +187,39 @@ def test_zero_size_and_bombs_and_corrupt_files_fail_clearly(tmp_path):
         load_image(b"definitely not an image")
     with pytest.raises(ImageError, match="no such file"):
         load_image(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (333, 517), (768, 768), (41, 7)])
+def test_torchvision_backend_is_within_2_levels_of_pil_and_takes_the_same_boxes(size):
+    from mgllava.data.image_processor import MGLlavaImageProcessorTorchvision
+
+    pil, fast = MGLlavaImageProcessor(), MGLlavaImageProcessorTorchvision()
+    image, boxes = random_image(*size, seed=sum(size)), [[[0, 0, size[0] // 2, size[1] // 2]]]
+    a, b = pil(image, boxes=boxes), fast(image, boxes=boxes)
+    assert a.keys() == b.keys() and torch.equal(a["object_boxes"], b["object_boxes"])
+    levels = torch.tensor(pil.image_std).view(3, 1, 1) * 255  # one normalised unit in levels of 255
+    for key in ("pixel_values", "high_res_pixel_values"):
+        diff = (a[key] - b[key]).abs()
+        assert (diff * levels).max() <= 2.001 and diff.mean() < 1e-3, (
+            key,
+            float(diff.max()),
+            float(diff.mean()),
+        )
+    side = max(size)  # the padding is where PIL pastes: the fill colour survives on both, same place
+    if side != min(size):
+        assert torch.allclose(a["high_res_pixel_values"][..., 0, 0], b["high_res_pixel_values"][..., 0, 0])
+
+
+def test_auto_classes_default_to_pil_and_pick_torchvision_when_asked(tmp_path):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from mgllava import MGLlavaProcessor
+    from mgllava.data.image_processor import MGLlavaImageProcessorTorchvision
+
+    MGLlavaProcessor.from_preset("tiny").save_pretrained(tmp_path)
+    assert (
+        type(AutoImageProcessor.from_pretrained(tmp_path)) is MGLlavaImageProcessor
+    )  # the reference's pixels
+    assert type(AutoProcessor.from_pretrained(tmp_path).image_processor) is MGLlavaImageProcessor
+    fast = AutoProcessor.from_pretrained(tmp_path, backend="torchvision").image_processor
+    assert type(fast) is MGLlavaImageProcessorTorchvision and fast.high_res_size == 128
