@@ -284,3 +284,33 @@ def test_image_features_without_boxes_have_no_object_rows(tester, model_and_inpu
     assert all(torch.equal(a, b) for a, b in zip(plain.pooler_output, none.pooler_output, strict=True))
     with pytest.raises(ValueError, match="object_boxes and object_counts go together"):
         model.get_image_features(**images, object_boxes=inputs["object_boxes"])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+@pytest.mark.parametrize("items", [None, 37])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tester, chunk, items):
+    config, inputs = tester.prepare_config_and_inputs_for_common()
+    model = tester.build(config).train()
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, -100)
+    labels[0, -3:] = -100  # a row whose last tokens are not supervised
+    extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+
+    def loss_and_grads(**chunking):
+        model.zero_grad()
+        out = model(**inputs, labels=labels, **extra, **chunking)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    plain, plain_grads = loss_and_grads()
+    chunked, chunked_grads = loss_and_grads(loss_chunk_tokens=chunk)
+    assert chunked.logits is None and plain.logits is not None
+    torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    assert chunked_grads.keys() == plain_grads.keys() and "lm_head.weight" in chunked_grads
+    for name, grad in plain_grads.items():
+        # the same sums in another order (per chunk, then across chunks): float32 rounding apart
+        torch.testing.assert_close(
+            chunked_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    with pytest.raises(ValueError, match="loss_chunk_tokens must be >= 1"):
+        model(**inputs, labels=labels, loss_chunk_tokens=0)

@@ -36,3 +36,13 @@ def test_cli_prints_the_plan_and_exits_1_when_it_does_not_fit(capsys):
     assert "per-rank GPU memory on 2 x 80 GB" in out and "| tiny-stage2 |" in out and "fits" in out
     assert main([*args, "--gpu-memory", "0.001"]) == 1
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_a_chunked_loss_plans_one_chunk_of_logits():
+    plain = plan(tiny("stage2", "max_length=512"), 1, 80, "tiny")
+    chunked = plan(tiny("stage2", "max_length=512", "loss_chunk_tokens=100"), 1, 80, "tiny")
+    config = tiny("stage2")
+    tokens = config.stage.per_device_batch_size * 512
+    vocab = 2048  # the tiny preset's; fp32 tiny configs: 4 + 8 bytes per logit
+    saved = (tokens - 100) * vocab * 12  # bytes
+    assert plain.activations_full - chunked.activations_full == pytest.approx(saved, rel=1e-6)

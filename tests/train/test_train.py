@@ -256,3 +256,19 @@ def test_training_the_vision_tower_leaves_its_unused_clip_parameters_frozen():
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, -100)
     model(**inputs, labels=labels).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # so DDP finds no unused
+
+
+def test_chunked_loss_trains_as_the_plain_loss(data, tmp_path):
+    src = synth.source_override(data)
+    for name, extra in (("plain", []), ("chunked", ["loss_chunk_tokens=3"])):
+        assert (
+            main(["train", "tiny-stage1", src, f"output_dir={tmp_path}/{name}", "max_steps=2", *extra]) == 0
+        )
+    plain, chunked = weights(tmp_path / "plain/final"), weights(tmp_path / "chunked/final")
+    assert plain.keys() == chunked.keys()
+    for key, value in plain.items():  # the same updates, float32 summation order apart
+        torch.testing.assert_close(
+            chunked[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    with pytest.raises((ValueError, ConfigError), match="loss_chunk_tokens must be >= 1"):
+        load_config(TrainConfig, "tiny-stage1", [src, "loss_chunk_tokens=0"])

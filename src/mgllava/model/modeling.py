@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
@@ -96,6 +97,40 @@ def mask_placeholder(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
         out = out.clone()
     out[..., image_token_id] = float("-inf")
     return out
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    image_token_id: int,
+    chunk_tokens: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """The causal-LM loss of `_loss` (shifted cross-entropy over the LLM's vocabulary, placeholder column
+    masked, sum / `num_items_in_batch` or mean) without the (B, T, V) logits: only the positions with a
+    label are sent through the head, `chunk_tokens` rows at a time, each chunk checkpointed so that its
+    float32 logits live only while it is computed (forward) and recomputed (backward).
+    hidden (B, T, H), labels (B, T) -> scalar."""
+    if chunk_tokens < 1:
+        raise ValueError(f"loss_chunk_tokens must be >= 1, got {chunk_tokens}")
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    rows, targets = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
+
+    def chunk_loss(part: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        logits = mask_placeholder(lm_head(part), image_token_id)
+        return nn.functional.cross_entropy(logits, want, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_tokens):
+        part, want = rows[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, part, want, use_reentrant=False)
+        else:
+            total = total + chunk_loss(part, want)
+    count = keep.sum() if num_items_in_batch is None else num_items_in_batch  # no label at all: nan, as HF
+    return total / torch.as_tensor(count, device=total.device)
 
 
 # The top-level modules, in data-flow order. The pretrained parts come from released checkpoints, the new
@@ -516,8 +551,13 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        loss_chunk_tokens: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MGLlavaCausalLMOutput | tuple:
+        """As `LlavaForConditionalGeneration.forward`, plus MG-LLaVA's image inputs. `loss_chunk_tokens`
+        (training, with `labels`): the loss is computed from the supervised positions only, that many at a
+        time, each chunk's logits recomputed in the backward (`chunked_lm_loss`), and `logits` is None: the
+        head's memory is then one chunk's logits instead of the whole sequence's."""
         out = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -533,10 +573,18 @@ class MGLlavaForConditionalGeneration(MGLlavaPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(out.last_hidden_state[:, keep, :])  # (B, T_kept, V)
+        if loss_chunk_tokens is not None and labels is not None:
+            logits = None
+            loss = chunked_lm_loss(
+                out.last_hidden_state, self.lm_head, labels, self.config.image_token_id, loss_chunk_tokens,
+                kwargs.get("num_items_in_batch"),
+            )  # fmt: skip
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(out.last_hidden_state[:, keep, :])  # (B, T_kept, V)
+            loss = self._loss(logits, labels, kwargs) if labels is not None else None
         return MGLlavaCausalLMOutput(
-            loss=self._loss(logits, labels, kwargs) if labels is not None else None,
+            loss=loss,
             logits=logits,
             cache=out.cache,
             hidden_states=out.hidden_states,

@@ -17,7 +17,8 @@ Activations of one decoder layer (SDPA: no L x L scores kept), per token, in the
 inputs of both RMSNorms kept in fp32 (2 x 4h), their outputs, q, k, v, the attention output and o_proj's
 input (c x (4h + 2 h_kv)), gate, up, act(gate), act(gate) x up (c x 4i). With checkpointing a layer keeps only
 its input (c x h) and the layer being recomputed holds the full set. The head: logits in the compute dtype,
-their fp32 copy for the loss and its gradient (c + 8) x vocab per token.
+their fp32 copy for the loss and its gradient (c + 8) x vocab per token, for every token of the micro-batch,
+or for `loss_chunk_tokens` of them when the loss is chunked (the model's `chunked_lm_loss`).
 Peak = parameters + gradients + optimizer + gather buffers + activations (checkpointed or not, as configured),
 which is what `torch.cuda.max_memory_allocated` counts; the CUDA context, NCCL buffers and allocator
 fragmentation (a few GB) are not in it, so the verdict keeps `HEADROOM` of the card free.
@@ -131,7 +132,7 @@ def activation_bytes(
     tokens = config.stage.per_device_batch_size * (config.max_length or DEFAULT_MAX_LENGTH)
     kept, running = layer_activation_bytes(text, tokens, compute, checkpointed)
     layers = text.num_hidden_layers
-    head = tokens * text.vocab_size * (compute + 8)
+    head = min(tokens, config.loss_chunk_tokens or tokens) * text.vocab_size * (compute + 8)
     return layers * kept + (running if checkpointed else 0) + head
 
 

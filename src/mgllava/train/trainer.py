@@ -170,7 +170,12 @@ class Trainer:
             inputs = {key: batch[key].to(self.device) for key in MODEL_INPUTS if key in batch}
             with gradient_sync(self.model, k == len(micro) - 1):
                 with self._autocast():
-                    loss = self.model(**inputs, num_items_in_batch=n_items).loss
+                    chunking = (
+                        {"loss_chunk_tokens": self.config.loss_chunk_tokens}
+                        if self.config.loss_chunk_tokens
+                        else {}
+                    )
+                    loss = self.model(**inputs, num_items_in_batch=n_items, **chunking).loss
                 (loss * self.info.world_size).backward()
             total += loss.detach().double()
         if dist.active():
