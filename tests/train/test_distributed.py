@@ -82,3 +82,22 @@ def test_sigkill_then_resume_ends_bit_exact(tmp_path):
     assert main([*args, f"output_dir={killed}"]) == 0
     assert_same_weights(tmp_path / "full", killed)
     assert losses(tmp_path / "full") == losses(killed)
+
+
+@pytest.mark.slow
+def test_chunked_loss_under_fsdp_equals_the_plain_loss_in_one_process(tmp_path):
+    """The chunked loss recomputes the (FSDP-sharded, trainable) head in the backward: 2 ranks with it train as
+    one process without it."""
+    data = synth.write_dataset(tmp_path / "d", n=16, text_only=4)
+    stage2 = [
+        "tiny-stage2",
+        synth.source_override(data),
+        "init_from=null",
+        "stage.requires_init=false",
+        "max_steps=3",
+    ]
+    assert main(["train", *stage2, f"output_dir={tmp_path}/one"]) == 0
+    two = torchrun("train", *stage2, f"output_dir={tmp_path}/two", "loss_chunk_tokens=5")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5, abs=1e-6)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
