@@ -272,3 +272,22 @@ def test_chunked_loss_trains_as_the_plain_loss(data, tmp_path):
         )
     with pytest.raises((ValueError, ConfigError), match="loss_chunk_tokens must be >= 1"):
         load_config(TrainConfig, "tiny-stage1", [src, "loss_chunk_tokens=0"])
+
+
+def test_bf16_runs_store_frozen_towers_in_bf16_and_export_fp32(data, tmp_path):
+    from mgllava.train.plan import plan
+
+    src = synth.source_override(data)
+    overrides = [src, "precision=bf16", "max_steps=1"]
+    assert main(["train", "tiny-stage1", *overrides, f"output_dir={tmp_path}/bf16"]) == 0
+    exported = weights(tmp_path / "bf16/final")
+    towers = [v for k, v in exported.items() if k.startswith(("vision_tower.", "high_res_tower."))]
+    assert towers and all(v.dtype == torch.float32 for v in exported.values())
+    assert all(torch.equal(v, v.bfloat16().float()) for v in towers)  # the bf16 values they trained with
+    new = [v for k, v in exported.items() if k.startswith("projector.")]
+    assert not all(torch.equal(v, v.bfloat16().float()) for v in new)  # what trains stays fp32
+    args = ["data.sources=[]", "init_from=null", "stage.requires_init=false"]
+    fp32 = plan(load_config(TrainConfig, "tiny-stage1", [*args, "precision=fp32"]), 1, 80, "t")
+    bf16 = plan(load_config(TrainConfig, "tiny-stage1", [*args, "precision=bf16"]), 1, 80, "t")
+    tower_elements = sum(v.numel() for v in towers)
+    assert fp32.parameters - bf16.parameters == 2 * tower_elements  # 4 -> 2 bytes each, nothing else

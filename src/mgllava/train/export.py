@@ -43,6 +43,11 @@ def export(
             out = merged_full_precision(out, config)
         elif config.stage.lora.r > 0:
             out.language_model = out.language_model.merge_and_unload()
+        for tower in (out.vision_tower, out.high_res_tower):  # stored in bf16 while frozen: the folder is
+            if (
+                tower is not None
+            ):  # fp32 throughout, the towers with the (bf16-exact) values they trained with
+                tower.float()
         tmp = final.with_name("final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_folder(out.cpu(), processor, tmp)

@@ -5,7 +5,8 @@ shards it (`train.parallel.shard`) in a process group of torch's fake backend, s
 N. What each rank holds is then read off the parameters:
 
 - parameters: the local shard of every FSDP-managed parameter, and the whole of every parameter FSDP leaves
-  alone (the frozen towers, replicated), at their dtype (fp32); DDP keeps a whole copy;
+  alone (the frozen towers, replicated), at their dtype (fp32; frozen towers bf16 in bf16 runs); DDP keeps a
+  whole copy;
 - gradients: fp32, trainable parameters only (their shard under FSDP2; DDP also has its buckets, one more copy);
 - optimizer: AdamW's two fp32 moments per trainable element of the shard;
 - gather buffers (FSDP2): the root unit's parameters unsharded, and two decoder layers' (the running one and
@@ -38,7 +39,7 @@ from ..model.configuration import MGLlavaConfig
 from ..model.modeling import MGLlavaForConditionalGeneration
 from .config import TrainConfig
 from .parallel import _decoder_layers, shard
-from .stages import apply_stage
+from .stages import apply_stage, store_frozen_towers
 
 GB = 1e9
 HEADROOM = 0.1  # share of the card kept free for the CUDA context, NCCL and fragmentation
@@ -93,6 +94,7 @@ def meta_model(config: TrainConfig) -> MGLlavaForConditionalGeneration:
     with torch.device("meta"):
         model = MGLlavaForConditionalGeneration(model_config)
     apply_stage(model, config.stage)
+    store_frozen_towers(model, config.precision)
     return model
 
 

@@ -8,6 +8,7 @@ projector, box projector, object mixer), so a new module or variant trains witho
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import NEW_MODULES_GROUP, StageConfig
@@ -46,6 +47,21 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> str:
     for param in model.vision_tower.unused_parameters():
         param.requires_grad = False  # never reached by the loss: no gradient, which DDP would refuse
     return parameter_table(model)
+
+
+def store_frozen_towers(model: nn.Module, precision: str) -> list[str]:
+    """With `precision: bf16`, a tower that does not train is stored in bf16 (half the memory of each rank's
+    whole copy): the reference trained in bf16 throughout (DeepSpeed), so these are its numbers; the towers
+    then also run in bf16 under autocast (LayerNorms still in float32). Returns the towers cast."""
+    if precision != "bf16":
+        return []
+    cast = []
+    for name in ("vision_tower", "high_res_tower"):
+        tower = getattr(model, name)
+        if tower is not None and not any(p.requires_grad for p in tower.parameters()):
+            tower.to(torch.bfloat16)
+            cast.append(name)
+    return cast
 
 
 def _named_parameters(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:

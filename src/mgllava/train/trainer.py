@@ -40,7 +40,7 @@ from .metrics import MetricsLog, step_record
 from .parallel import shard
 from .sampler import StepBatches, make_plan
 from .setup import build_model, build_sharded
-from .stages import apply_stage
+from .stages import apply_stage, store_frozen_towers
 
 logger = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "high_res_pixel_values",
@@ -87,6 +87,7 @@ class Trainer:
 
         def prepare(model: torch.nn.Module) -> None:
             tables.append(apply_stage(model, config.stage))
+            store_frozen_towers(model, config.precision)
             if config.gradient_checkpointing:
                 model.language_model.activation_checkpointing_enable({"use_reentrant": False})
 
