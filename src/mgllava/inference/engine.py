@@ -63,7 +63,8 @@ from ..media.video import VideoError
 from ..model.generation import configure_generation
 from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
-from .decoding import Request, RunningBatch
+from .decoding import MAX_STEP_TOKENS, Request, RunningBatch
+from .packed import install as install_packed
 from .prefix import MIN_REUSE, PrefixCache
 from .requests import (
     ChatResult,
@@ -101,7 +102,8 @@ class Engine:
     """Model + processor + optional box proposer. Thread-safe: model work runs under one lock (a whole
     static batch, or one continuous step). `scheduling`: "continuous" or "static" (see the module notes);
     `prefix_cache_bytes`: the bound on earlier turns' KV caches kept for reuse (0: none; continuous only);
-    `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why)."""
+    `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why);
+    `max_step_tokens`: a continuous step's token budget (one per decoding row, the rest for prompt chunks)."""
 
     def __init__(
         self,
@@ -118,9 +120,12 @@ class Engine:
         prefix_min_tokens: int = MIN_REUSE,
         max_prompt_chars: int | None = None,
         max_message_chars: int | None = None,
+        max_step_tokens: int = MAX_STEP_TOKENS,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model = model.eval()
         self.processor = processor
         self.proposer = proposer
@@ -132,8 +137,10 @@ class Engine:
         self.features: LRUCache[torch.Tensor] = LRUCache(feature_cache_bytes)
         self.encode_batch_size = encode_batch_size
         self.scheduling = scheduling
+        self.max_step_tokens = max_step_tokens
         if scheduling == "continuous":
             _check_continuous(model.generation_config)
+            install_packed(model.language_model)
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
         self.prefixes = PrefixCache(prefix_cache_bytes, prefix_min_tokens) if use_prefixes else None
         self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN * self.context_length
