@@ -133,6 +133,9 @@ class Engine:
             processor.image_processor.max_image_pixels = max_image_pixels
         if box_settings:
             self._set_box_settings(box_settings)
+        # the high-res tensor exactly when the model has the branch (a folder saved before the setting existed
+        # made it for every model)
+        processor.image_processor.use_high_res = model.config.uses_high_res
         configure_generation(model, processor)
         self.features: LRUCache[torch.Tensor] = LRUCache(feature_cache_bytes)
         self.encode_batch_size = encode_batch_size
@@ -399,8 +402,7 @@ class Engine:
         frames, start = [], 0
         for j in range(batch["pixel_values"].shape[0]):
             tensors = {
-                "pixel_values": batch["pixel_values"][j : j + 1],
-                "high_res_pixel_values": batch["high_res_pixel_values"][j : j + 1],
+                k: batch[k][j : j + 1] for k in ("pixel_values", "high_res_pixel_values") if k in batch
             }
             if counts is not None:
                 tensors["object_boxes"] = batch["object_boxes"][start : start + counts[j]]
