@@ -5,7 +5,8 @@
 Continuous scheduling (the engine's default; `decoding.RunningBatch`):
     worker: while idle, wait for a first job and up to `max_wait_s` after it arrived for more (or until
             `max_batch_size` are queued); then loop: admit queued jobs (oldest first, up to `max_batch_size`
-            running) into the running batch, run one decode step, resolve the jobs that finished
+            running) into the running batch, run one step (decode tokens and prompt chunks), resolve the
+            jobs that finished
     A job arriving mid-generation starts at the next step; a finished one is answered at once.
 Static scheduling (`Engine(..., scheduling="static")`, the earlier engine):
     worker: wait for a first job and the window as above; run one `Engine.generate` on up to

@@ -6,8 +6,9 @@
         `get_image_features` call) --> decoding (below) --> per-row text, streamed through `on_text`
         callbacks as it is decoded
 
-- Scheduling. "continuous" (the default): `decoding.RunningBatch` prefills requests and decodes them one
-  token per step over a batched KV cache that requests join between steps and leave as soon as they finish;
+- Scheduling. "continuous" (the default): `decoding.RunningBatch` decodes requests one token per step over a
+  batched KV cache that requests join as soon as their prompts are computed (in chunks inside the same
+  steps, within `max_step_tokens` per step: `packed`) and leave as soon as they finish;
   the `Batcher` admits a request that arrives mid-generation at the next step. Any sampling settings share a
   batch (each row picks its own tokens). "static": one left-padded `model.generate(mm_encoder_outputs=...)`
   per batch of requests with the same sampling settings; a request arriving mid-batch waits for the whole
