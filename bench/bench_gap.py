@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=128, help="tokens of the measured stream")
     parser.add_argument("--repeats", type=int, default=3, help="A B B A rounds per setting")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 32 tokens, one round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 16 tokens, one round")
     parser.add_argument("--record", help="write the results as JSON here (bench/run.py collects them)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.repeats = 32, 1
+        args.tokens, args.repeats = 16, 1
     record = Record("Serving: inter-token gap while an image is prepared", args.quick)
     record.machine(measure_machine(args.quick))
     model, processor = build_model()
