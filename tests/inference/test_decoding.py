@@ -326,6 +326,23 @@ def test_a_chunk_boundary_inside_an_image_splices_the_right_rows(parts, engines)
         assert solo(engine, prepared) == expected, budget
 
 
+def test_an_eager_attention_model_answers_in_mixed_steps_as_alone():
+    """The packed attention wraps whichever implementation the model has: eager calls stay eager, a mixed
+    step's parts use sdpa; the answers are those of the static engine one by one."""
+    torch.manual_seed(0)
+    config = MGLlavaConfig.from_preset("tiny")
+    model = MGLlavaForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    processor = MGLlavaProcessor.from_preset("tiny")
+    static = Engine(model, processor, scheduling="static")
+    prepared = [
+        static.prepare(ask(f"What is in {k}?", data_url(scene(k))), settings=greedy(6)) for k in range(3)
+    ]
+    expected = [solo(static, p) for p in prepared]
+    engine = Engine(model, processor, max_step_tokens=20)
+    assert model.language_model.config._attn_implementation == "mgllava_packed_eager"
+    assert [r.token_ids for r in engine.generate(prepared)] == expected
+
+
 def test_prefix_cache_finds_the_longest_prefix_and_keeps_within_its_bytes():
     def kv(n: int):
         return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]  # 8 bytes a token
