@@ -18,9 +18,9 @@ transformers hook: `install` registers `mgllava_packed_<impl>` with transformers
 `<impl>`'s mask function under the same name) and sets it on the LLM. A call without a `packed` argument (a
 plain forward, `generate`, the static engine) goes to `<impl>` unchanged; a mixed step passes `packed=`
 its `PackedCache` through the model's keyword arguments, which reach every attention call and cache update.
-Each part of a mixed step's attention is computed by `<impl>` itself (sdpa unless the model was loaded with
-another), so a decoding row's attention is the plain decode step's call; for "eager", which transformers
-keeps per model file, the parts use sdpa. A sliding window (`sliding_window` passed by Mistral-style
+Each part of a mixed step's attention is computed by transformers' sdpa function with a 4-D boolean mask, so
+with sdpa (the default) a decoding row's attention is the plain decode step's call; with another
+implementation (eager, flash, flex) the parts still use sdpa, whose masks those do not take in this form. A sliding window (`sliding_window` passed by Mistral-style
 attention) is applied to both parts, in positions.
 """
 
@@ -153,7 +153,7 @@ def install(language_model: Any) -> str:
         if packed is None:
             own = inner if inner is not None else _eager_of(module)
             return own(module, query, key, value, attention_mask, *args, **kwargs)
-        parts = inner if inner is not None else sdpa_attention_forward
+        parts = sdpa_attention_forward  # the parts' masks are 4-D boolean, which sdpa (and only it) takes as is
         return packed_attention(module, query, key, value, attention_mask, *args, packed=packed, inner=parts,
                                 **kwargs)  # fmt: skip
 
