@@ -224,6 +224,35 @@ def test_a_fault_in_a_mixed_step_fails_only_its_row(chunked, workload, monkeypat
     assert fired() >= mixed[0]
 
 
+def test_a_failing_image_encode_fails_its_request_alone(chunked, workload, monkeypatch):
+    """The images of requests starting in one step are encoded together; when that fails, each request's
+    alone, and only the requests whose image fails (the target's, and others sending the same image) fail."""
+    prepared, expected = workload
+    target = 4
+    keys = {f.key for f in prepared[target].frames}
+    visual_rows = Engine.visual_rows
+    fired = [0]
+
+    def faulty(self, frames):
+        if any(f.key in keys for f in frames):
+            fired[0] += 1
+            raise RuntimeError("injected image encode fault")
+        return visual_rows(self, frames)
+
+    monkeypatch.setattr(Engine, "visual_rows", faulty)
+    chunked.features.clear()
+    results = run(chunked, prepared)
+    sharing = {k for k, p in enumerate(prepared) if keys & {f.key for f in p.frames}}  # the same image
+    assert fired[0] > 0 and target in sharing and len(sharing) < len(prepared) // 2
+    assert all(isinstance(results[k], RequestFailed) for k in sharing), [results[k] for k in sharing]
+    others = [
+        (r.token_ids if not isinstance(r, Exception) else r)
+        for k, r in enumerate(results)
+        if k not in sharing
+    ]
+    assert others == [e for k, e in enumerate(expected) if k not in sharing]
+
+
 @pytest.mark.parametrize("point", FAILING)
 def test_a_fault_in_a_request_alone_fails_it_and_the_worker_goes_on(engine, workload, monkeypatch, point):
     prepared, _ = workload
