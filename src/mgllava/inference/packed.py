@@ -153,9 +153,9 @@ def install(language_model: Any) -> str:
         if packed is None:
             own = inner if inner is not None else _eager_of(module)
             return own(module, query, key, value, attention_mask, *args, **kwargs)
-        parts = sdpa_attention_forward  # the parts' masks are 4-D boolean, which sdpa (and only it) takes as is
-        return packed_attention(module, query, key, value, attention_mask, *args, packed=packed, inner=parts,
-                                **kwargs)  # fmt: skip
+        # the parts' masks are 4-D boolean, which sdpa (and only it) takes as they are
+        return packed_attention(module, query, key, value, attention_mask, *args, packed=packed,
+                                inner=sdpa_attention_forward, **kwargs)  # fmt: skip
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
