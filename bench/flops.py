@@ -8,7 +8,8 @@ activations and other elementwise ops are not counted.
 
 Per image, with CLIP width D, MLP width I, T = g^2 + 1 tokens (CLS included), L layers, patch p:
 
-    CLIP      2 g^2 D 3 p^2 + L (8 T D^2 + 4 T D I + 4 T^2 D)     every layer runs, even past the feature layer
+    CLIP      2 g^2 D 3 p^2 + L (8 T D^2 + 4 T D I + 4 T^2 D)     L: the layers through the feature layer
+              (ours: 23 of 24 at the paper's sizes; transformers' LLaVA runs all of them)
     ConvNeXt  stem 2 (S/4)^2 C_0 3 * 16 + per stage s (side n_s, width C_s, depth d_s):
               downsample 2 n_s^2 C_s C_{s-1} 4 (s > 0) + d_s (2 n_s^2 C_s 49 + 16 n_s^2 C_s^2)
     Conv-Gate with N = g^2 tokens, C_lo low-res and C_hi last-stage width:
@@ -42,12 +43,18 @@ class PrefillShape:
         return self.images * self.boxes_per_image
 
 
-def clip_flops(vision_config, images: int = 1) -> int:
+def clip_flops(vision_config, images: int = 1, layers: int | None = None) -> int:
+    """CLIP's FLOPs through `layers` layers (None: all)."""
     g, d, i = low_res_grid(vision_config), vision_config.hidden_size, vision_config.intermediate_size
     p, t = vision_config.patch_size, low_res_grid(vision_config) ** 2 + 1
     patch = 2 * g * g * d * 3 * p * p
     layer = 8 * t * d * d + 4 * t * d * i + 4 * t * t * d
-    return images * (patch + vision_config.num_hidden_layers * layer)
+    return images * (patch + (vision_config.num_hidden_layers if layers is None else layers) * layer)
+
+
+def clip_layers_used(config) -> int:
+    """The CLIP layers our low-res encoder runs: those its feature layer depends on."""
+    return config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
 
 
 def convnext_stage_shapes(high_res_config) -> list[tuple[int, int, int]]:
@@ -126,7 +133,7 @@ def mgllava_flops(config, shape: PrefillShape) -> dict[str, int]:
     n_img = shape.images
     hidden = text.hidden_size
     return {
-        "CLIP": clip_flops(vision, n_img),
+        "CLIP": clip_flops(vision, n_img, clip_layers_used(config)),
         "ConvNeXt": convnext_flops(high, n_img),
         "fusion": conv_gate_flops(vision.hidden_size, high.hidden_sizes[-1], config.num_image_tokens, n_img),
         "pooling": n_img * pooling_flops(high, shape.boxes_per_image),

@@ -9,7 +9,7 @@ writes the file atomically once every script has finished. Nothing in it is edit
     .venv/bin/python bench/run.py --quick --out x.md    # small sizes: a smoke run, under a minute
     .venv/bin/python bench/run.py --only prefill decode # some of the scripts
 
-The serving benches (bench_serve, bench_turns) are part of the suite: they measure the engine's scheduling
+The serving benches (bench_serve, bench_turns, bench_gap) are part of the suite: they measure the engine's scheduling
 with a small model of their own. The other component benches (bench_boxes, bench_eval, bench_train) use small
 models too and are run by `make bench-components`; they are not part of this file.
 """
@@ -30,7 +30,7 @@ from common import verdict
 from mgllava.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-SUITE = ["prefill", "object_pooling", "decode", "scaling", "memory", "serve", "turns"]
+SUITE = ["prefill", "object_pooling", "decode", "scaling", "memory", "serve", "turns", "gap"]
 
 
 def git_state() -> str:

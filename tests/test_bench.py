@@ -158,7 +158,8 @@ def test_suite_runner_writes_results(tmp_path):
     run.main(["--quick", "--out", str(out)])
     text = out.read_text()
     for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill", "## Object pooling", "## Decode",
-                    "## Prefill scaling", "## Memory", "## Serving", "## Second turn"):  # fmt: skip
+                    "## Prefill scaling", "## Memory", "## Serving", "## Second turn",
+                    "## Serving: inter-token gap"):  # fmt: skip
         assert heading in text
 
 
@@ -168,6 +169,8 @@ def test_serving_benches_quick_record_their_goals(tmp_path):
     turns = run_quick("bench_turns", tmp_path, "--conversations", "1", "--max-tokens", "2")
     assert turns["values"]["same"] == 1 and turns["values"]["ttft_ratio"] > 0
     assert [g["goal"] for g in turns["goals"]] == ["second turn's time to first text vs recomputation"]
+    gap = run_quick("bench_gap", tmp_path)
+    assert gap["values"]["gap_ratio"] > 0 and gap["values"]["gap_ratio_full_team"] > 0
 
 
 def test_memory_bench_materialises_meta_models_with_real_buffers():

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from mgllava.cli import build_parser, main
 from mgllava.convert.folder import write_folder
@@ -138,6 +139,13 @@ def test_serve_flags_reach_the_engine_and_uvicorn(folder, monkeypatch):
     assert ran["timeout_graceful_shutdown"] == 3 and server.settings.body_timeout_s == 4
     main(["serve", "--model", str(folder / "tiny"), "--device", "cpu", "--prefix-cache-mb", "0"])
     assert ran["app"].state.server.engine.prefixes is None
+    threads = torch.get_num_threads()
+    flags = ["--threads", "3", "--prepare-threads", "1", "--max-step-tokens", "100"]
+    main(["serve", "--model", str(folder / "tiny"), "--device", "cpu", *flags])
+    server = ran["app"].state.server
+    assert (server.settings.threads, server.settings.prepare_threads) == (3, 1)
+    assert server.engine.max_step_tokens == 100
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored after serving
 
 
 def test_chat_proposes_boxes_with_a_detector(folder, box_models, capsys):

@@ -13,9 +13,11 @@ import torch
 from .boxes import cli as boxes_cli
 from .data.templates import TEMPLATES
 from .eval import cli as eval_cli
+from .inference.decoding import MAX_STEP_TOKENS
 from .model.configuration import FUSIONS, OBJECT_TOKENS
 from .train import cli as train_cli
 from .utils.dtypes import DTYPES, resolve_dtype
+from .utils.threads import limited_threads
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -118,6 +120,8 @@ def server_settings(args: argparse.Namespace):
         image_url_max_bytes=int(args.image_url_max_mb * (1 << 20)),
         body_timeout_s=args.body_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
+        threads=args.threads,
+        prepare_threads=args.prepare_threads,
     )
 
 
@@ -129,9 +133,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = server_settings(args)  # checked before the model loads
     engine = _engine(args, max_image_pixels=args.max_image_pixels, max_prompt_chars=args.max_prompt_chars,
                      max_message_chars=args.max_message_chars, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
-                     prefix_min_tokens=args.prefix_min_tokens)  # fmt: skip
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=settings.shutdown_timeout_s)  # fmt: skip
+                     prefix_min_tokens=args.prefix_min_tokens, max_step_tokens=args.max_step_tokens)  # fmt: skip
+    # every thread but the model's (the batcher worker sets its own count) starts with --prepare-threads
+    # OpenMP threads: the event loop and request threads never start a team beside the model's (docs/server.md)
+    with limited_threads(settings.prepare_threads):
+        uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=settings.shutdown_timeout_s)  # fmt: skip
     return 0
 
 
@@ -225,6 +232,21 @@ def _add_serve(sub) -> None:
         type=int,
         default=128,
         help="shorter shared prefixes are recomputed, not reused",
+    )
+    serve.add_argument(
+        "--max-step-tokens",
+        type=int,
+        default=MAX_STEP_TOKENS,
+        help="tokens per model step: one per decoding request, the rest for new prompts, in chunks",
+    )
+    serve.add_argument(
+        "--threads", type=int, help="the model thread's intra-op (OpenMP) threads (default: the cores)"
+    )
+    serve.add_argument(
+        "--prepare-threads",
+        type=int,
+        default=1,
+        help="intra-op threads of every other thread (request preparation, the event loop)",
     )
     serve.add_argument(
         "--shutdown-timeout-s",

@@ -10,8 +10,9 @@ import torch
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.inference import Batcher, Engine, GenerationSettings, Prepared, RequestFailed
-from mgllava.inference.decoding import Request
+from mgllava.inference.decoding import Request, RunningBatch
 from mgllava.inference.kv import BatchCache
+from mgllava.inference.packed import PackedCache
 from mgllava.inference.prefix import BLOCK, MIN_REUSE, PrefixCache, content_ids
 
 from ..serving import ShapesProposer, ask, data_url, scene, tiny_parts
@@ -266,6 +267,82 @@ def test_an_evicted_prefix_falls_back_to_recomputation(parts, engines):
     assert solo(engine, prepared) == expected and engine.prefixes.reused_tokens == reused[1]  # evicted
 
 
+def record_mixed_steps(monkeypatch) -> list[tuple[int, list[int], list[int]]]:
+    """Record each mixed step's (decoding rows, chunk sizes, tokens each chunk's row had before it)."""
+    steps = []
+    forward = RunningBatch._forward
+
+    def recording(self, rows, ids, mask, position_ids, cache, visual=None):
+        if isinstance(cache, PackedCache):
+            steps.append((cache.decoding, [n for _, n in cache.segments], list(cache.past)))
+        return forward(self, rows, ids, mask, position_ids, cache, visual)
+
+    monkeypatch.setattr(RunningBatch, "_forward", recording)
+    return steps
+
+
+@pytest.mark.parametrize("budget", [7, 40])
+def test_prompts_chunked_into_decode_steps_answer_as_one_by_one(parts, engines, monkeypatch, budget):
+    """Prompts computed in chunks of a small step budget (7: chunks cut images and videos' rows; 40: several
+    requests' chunks share a step), inside the decode steps of rows already running: the same answers as
+    the static engine one by one, and a second turn still reuses its first turn's cache."""
+    model, processor = parts
+    engine = Engine(model, processor, ShapesProposer(), prefix_min_tokens=SHORT, max_step_tokens=budget)
+    prepared = workload(engine)
+    url = data_url(scene(21))
+    first = engine.chat(ask(QUESTION, url), settings=greedy(5))
+    turn = [
+        *ask(QUESTION, url),
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Why?"},
+    ]
+    prepared.append(engine.prepare(turn, settings=greedy(6)))
+    expected = {k: solo(engines["static"], p) for k, p in enumerate(prepared)}
+    steps = record_mixed_steps(monkeypatch)
+    reused = engine.prefixes.reused_tokens
+    batch, results = engine.running_batch(), {}
+    for k, p in enumerate(prepared):  # one request joins per step: each prompt's chunks meet decoding rows
+        results.update(batch.admit([Request(p, owner=k)]))
+        results.update(batch.step())
+    drive(engine, batch, results)
+    assert {k: r.token_ids for k, r in results.items()} == expected
+    assert engine.prefixes.reused_tokens - reused > len(first.token_ids)  # the second turn reused the first
+    assert any(decoding and chunks for decoding, chunks, _ in steps)  # prompt chunks beside decoding rows
+    assert any(any(past) for _, _, past in steps)  # a chunk continued a prompt (or a cached prefix)
+    assert max(sum(chunks) + decoding for decoding, chunks, _ in steps) <= max(budget, 16 + len(prepared))
+    if budget == 40:
+        assert any(len(chunks) > 1 for _, chunks, _ in steps)  # several prompts' chunks in one step
+
+
+def test_a_chunk_boundary_inside_an_image_splices_the_right_rows(parts, engines):
+    """Budgets that cut the image's rows at every offset give the answer of the whole prompt at once."""
+    model, processor = parts
+    prepared = engines["recompute"].prepare(ask("What shape?", data_url(scene(22))), settings=greedy(5))
+    expected = solo(engines["static"], prepared)
+    placeholder = model.config.image_token_id
+    first = prepared.input_ids.index(placeholder)
+    for budget in (first + 1, first + 3, len(prepared.input_ids) - 1):
+        engine = Engine(model, processor, ShapesProposer(), prefix_cache_bytes=0, max_step_tokens=budget)
+        assert solo(engine, prepared) == expected, budget
+
+
+def test_an_eager_attention_model_answers_in_mixed_steps_as_alone():
+    """The packed attention wraps whichever implementation the model has: eager calls stay eager, a mixed
+    step's parts use sdpa; the answers are those of the static engine one by one."""
+    torch.manual_seed(0)
+    config = MGLlavaConfig.from_preset("tiny")
+    model = MGLlavaForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    processor = MGLlavaProcessor.from_preset("tiny")
+    static = Engine(model, processor, scheduling="static")
+    prepared = [
+        static.prepare(ask(f"What is in {k}?", data_url(scene(k))), settings=greedy(6)) for k in range(3)
+    ]
+    expected = [solo(static, p) for p in prepared]
+    engine = Engine(model, processor, max_step_tokens=20)
+    assert model.language_model.config._attn_implementation == "mgllava_packed_eager"
+    assert [r.token_ids for r in engine.generate(prepared)] == expected
+
+
 def test_prefix_cache_finds_the_longest_prefix_and_keeps_within_its_bytes():
     def kv(n: int):
         return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]  # 8 bytes a token
@@ -386,6 +463,8 @@ def test_left_padded_prefill_leaves_finite_padding_in_the_cache(engines):
     ]
     batch = engine.running_batch()
     batch.admit([Request(p) for p in prepared])
+    batch.step()  # both prompts in one step: they join the batch cache together
+    assert len(batch.rows) == 2
     assert all(
         torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
         for layer in batch.cache.layers

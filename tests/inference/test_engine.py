@@ -205,3 +205,31 @@ def test_from_pretrained_passes_device_map_and_max_memory_through(tiny_folder):
     assert spy.call_args.kwargs["max_memory"] == {"cpu": "2GB"}
     # the model stays where the map put it (`device` is not applied on top)
     assert {p.device.type for p in engine.model.parameters()} == {"cpu"}
+
+
+def test_a_model_without_the_high_res_branch_gets_no_high_res_tensor():
+    """The engine aligns the processor with its model: a processor made for the full model (as a folder saved
+    before `use_high_res` existed loads) makes no 768-px tensor for a model without the branch, and the
+    answer is the model's own generate on the full processor's inputs (same low-res tensor)."""
+    from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
+    from mgllava.inference import Engine
+
+    torch.manual_seed(0)
+    config = MGLlavaConfig.from_preset("tiny", fusion="none", object_tokens="off")
+    model = MGLlavaForConditionalGeneration(config).eval()
+    processor = MGLlavaProcessor.for_config(config, MGLlavaProcessor.from_preset("tiny").tokenizer, "vicuna")
+    processor.image_processor.use_high_res = True  # as a folder saved before the setting loads
+    messages = ask("What shape?", data_url(scene(4)))
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert (
+        inputs.pop("high_res_pixel_values").shape[-1] == config.high_res_config.image_size
+    )  # made, and of no use to this model
+    engine = Engine(model, processor)
+    prepared = engine.prepare(messages, settings=GenerationSettings(max_new_tokens=5))
+    assert [sorted(f.tensors) for f in prepared.frames] == [["pixel_values"]]
+    assert torch.equal(prepared.frames[0].tensors["pixel_values"], inputs["pixel_values"])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert engine.generate([prepared])[0].token_ids == out[0, inputs["input_ids"].shape[1] :].tolist()

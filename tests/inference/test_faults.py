@@ -26,6 +26,7 @@ from mgllava.inference import (
 )
 from mgllava.inference.decoding import RunningBatch
 from mgllava.inference.kv import BatchCache
+from mgllava.inference.packed import PackedCache
 from mgllava.inference.prefix import PrefixCache
 from mgllava.inference.sampling import MIN_TEMPERATURE, penalize
 
@@ -95,9 +96,11 @@ def run(engine: Engine, prepared: list[Prepared], timeout: float = 120) -> list:
         batcher.close()
 
 
-def aim(monkeypatch, target: Prepared, point: str) -> Callable[[], int]:
-    """Inject a fault at `point` for `target` only; returns a counter of how often it fired."""
+def aim(monkeypatch, target: Prepared, point: str, mixed: list[int] | None = None) -> Callable[[], int]:
+    """Inject a fault at `point` for `target` only; returns a counter of how often it fired (`mixed`, when
+    given, counts the times it fired in a mixed step: prompt chunks and decoding rows in one forward)."""
     fired = [0]
+    mixed = mixed if mixed is not None else [0]
 
     def hit(rows) -> int | None:
         return next((i for i, r in enumerate(rows) if r.prepared is target), None)
@@ -106,18 +109,22 @@ def aim(monkeypatch, target: Prepared, point: str) -> Callable[[], int]:
 
     def faulty_forward(self, rows, ids, mask, position_ids, cache, visual=None):
         i = hit(rows)
-        decode = ids.shape[1] == 1 and visual is None
+        packed = isinstance(cache, PackedCache)  # a mixed step: decoding rows first, then prompt chunks
+        decode = i < cache.decoding if packed and i is not None else ids.shape[1] == 1 and visual is None
         if i is not None and point == ("decode" if decode else "prefill"):
             fired[0] += 1
+            mixed[0] += packed
             raise RuntimeError(f"injected {point} fault")
         out_cache, logits = forward(self, rows, ids, mask, position_ids, cache, visual)
         if i is not None and decode and point == "nan_logits":
             fired[0] += 1
+            mixed[0] += packed
             logits = logits.clone()
             logits[i] = float("nan")
         if i is not None and decode and point == "nan_kv":
             fired[0] += 1
-            for layer in out_cache.layers:  # the step's new column of this row, in place
+            mixed[0] += packed
+            for layer in (cache.batch if packed else out_cache).layers:  # the step's new column of this row
                 layer.keys[i, :, -1] = float("nan")
                 layer.values[i, :, -1] = float("nan")
         return out_cache, logits
@@ -189,6 +196,62 @@ def test_a_fault_fails_its_request_alone_and_the_batch_answers_as_without_it(
         (r.token_ids if not isinstance(r, Exception) else r) for k, r in enumerate(results) if k != target
     ]
     assert others == [e for k, e in enumerate(expected) if k != target]
+
+
+@pytest.fixture(scope="module")
+def chunked() -> Engine:
+    """The engine's model with a step budget of 24 tokens: prompts are computed in several chunks, each in a
+    mixed step with the rows decoding beside it."""
+    model, processor = tiny_parts()
+    return Engine(model, processor, ShapesProposer(), prefix_min_tokens=SHORT, max_step_tokens=24)
+
+
+@pytest.mark.parametrize("point", ["prefill", "decode", "nan_logits", "nan_kv"])
+def test_a_fault_in_a_mixed_step_fails_only_its_row(chunked, workload, monkeypatch, point):
+    """A fault aimed at one row of a mixed step (its prompt chunk, or its decode token beside other rows'
+    chunks) fails that request alone; the others answer as they do alone without faults."""
+    prepared, expected = workload
+    target = 8 if point == "nan_kv" else 4
+    mixed = [0]
+    fired = aim(monkeypatch, prepared[target], point, mixed)
+    results = run(chunked, prepared)
+    assert mixed[0] > 0  # it fired inside a mixed step
+    assert isinstance(results[target], RequestFailed), results[target]
+    others = [
+        (r.token_ids if not isinstance(r, Exception) else r) for k, r in enumerate(results) if k != target
+    ]
+    assert others == [e for k, e in enumerate(expected) if k != target]
+    assert fired() >= mixed[0]
+
+
+def test_a_failing_image_encode_fails_its_request_alone(chunked, workload, monkeypatch):
+    """The images of requests starting in one step are encoded together; when that fails, each request's
+    alone, and only the requests whose image fails (the target's, and others sending the same image) fail."""
+    prepared, expected = workload
+    target = 4
+    keys = {f.key for f in prepared[target].frames}
+    visual_rows = Engine.visual_rows
+    fired = [0]
+
+    def faulty(self, frames):
+        if any(f.key in keys for f in frames):
+            fired[0] += 1
+            raise RuntimeError("injected image encode fault")
+        return visual_rows(self, frames)
+
+    monkeypatch.setattr(Engine, "visual_rows", faulty)
+    chunked.features.clear()
+    chunked.prefixes.clear()  # earlier tests' cached prefixes would cover the image (no encode)
+    results = run(chunked, prepared)
+    sharing = {k for k, p in enumerate(prepared) if keys & {f.key for f in p.frames}}  # the same image
+    assert fired[0] > 0 and target in sharing and len(sharing) < len(prepared) // 2
+    assert all(isinstance(results[k], RequestFailed) for k in sharing), [results[k] for k in sharing]
+    others = [
+        (r.token_ids if not isinstance(r, Exception) else r)
+        for k, r in enumerate(results)
+        if k not in sharing
+    ]
+    assert others == [e for k, e in enumerate(expected) if k not in sharing]
 
 
 @pytest.mark.parametrize("point", FAILING)

@@ -3,9 +3,9 @@ float32, under CPU bf16 autocast and in pure bf16."""
 
 import pytest
 import torch
-from transformers import ConvNextConfig, ConvNextModel
+from transformers import CLIPVisionConfig, ConvNextConfig, ConvNextModel
 
-from mgllava.model.encoders import ConvNextBlock, HighResEncoder
+from mgllava.model.encoders import ConvNextBlock, HighResEncoder, LowResEncoder
 
 CONFIG = ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[2, 1, 3, 1], layer_norm_eps=1e-6, image_size=128,
                         layer_scale_init_value=0.5)  # fmt: skip
@@ -79,3 +79,22 @@ def test_trainable_tower_takes_the_autograd_path_and_gets_gradients():
         expected = theirs(x, output_hidden_states=True).hidden_states[1:]
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a.detach(), b)
+
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 1])
+def test_clip_runs_only_the_layers_its_feature_layer_needs(feature_layer):
+    """The low-res forward equals CLIP's own hidden state at the feature layer, bit for bit, and the layers
+    after it never run."""
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14)  # fmt: skip
+    torch.manual_seed(0)
+    encoder = LowResEncoder(config, feature_layer).eval()
+    ran = []
+    for k, layer in enumerate(encoder.clip.encoder.layers):
+        layer.register_forward_hook(lambda *_, k=k: ran.append(k))
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        fast = encoder(pixels)
+        assert ran == list(range(encoder.layers_used)) and encoder.layers_used == feature_layer % 4
+        full = encoder.select(encoder.clip_outputs(pixels))
+    assert fast.shape == (2, 16, 32) and torch.equal(fast, full)

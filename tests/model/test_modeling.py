@@ -242,7 +242,13 @@ def test_object_tokens_off_and_fusion_none_build_the_llava_baseline():
         config, MGLlavaProcessor.from_preset("tiny").tokenizer, template="vicuna"
     )
     inputs = encode(processor, ask("What?"), [scene(16)], [[[0, 0, 10, 10]]])
-    assert "object_boxes" not in inputs
+    assert (
+        "object_boxes" not in inputs and "high_res_pixel_values" not in inputs
+    )  # no work for absent branches
+    with_high = MGLlavaProcessor.from_preset("tiny")  # the same low-res tensor, made with the high-res one
+    assert torch.equal(
+        encode(with_high, ask("What?"), [scene(16)], None)["pixel_values"], inputs["pixel_values"]
+    )
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == config.num_image_tokens
     assert greedy(model, inputs, n=2).shape == (1, 2)
 

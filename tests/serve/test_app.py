@@ -437,3 +437,34 @@ def test_a_full_server_answers_429_before_reading_the_body(engine):
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
         assert "--max-in-flight" in refused.json()["error"]["message"]
         assert first.result().status_code == 200
+
+
+def test_the_model_thread_has_its_threads_and_preparation_one(monkeypatch):
+    """`threads` is the model thread's intra-op count and `prepare_threads` that of request preparation, each
+    seen from inside the engine's own calls (the count is per thread under OpenMP)."""
+    import torch
+
+    from mgllava.inference.decoding import RunningBatch
+
+    seen: dict[str, set[int]] = {"prepare": set(), "step": set()}
+    prepare, step = Engine.prepare, RunningBatch.step
+
+    def counting_prepare(self, *args, **kwargs):
+        seen["prepare"].add(torch.get_num_threads())
+        return prepare(self, *args, **kwargs)
+
+    def counting_step(self):
+        seen["step"].add(torch.get_num_threads())
+        return step(self)
+
+    monkeypatch.setattr(Engine, "prepare", counting_prepare)
+    monkeypatch.setattr(RunningBatch, "step", counting_step)
+    caller = torch.get_num_threads()
+    settings = ServerSettings(**LIMITS, threads=3, prepare_threads=1)
+    with serve_in_thread(create_app(tiny_engine(), settings)) as url:
+        reply = post(url, messages=ask("What shape?", data_url(scene(2))))
+    assert reply.status_code == 200, reply.text
+    assert seen == {"prepare": {1}, "step": {3}}
+    assert torch.get_num_threads() == caller  # the test's own thread is untouched
+    with pytest.raises(ValueError, match="prepare_threads"):
+        ServerSettings(prepare_threads=0)

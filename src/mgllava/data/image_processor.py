@@ -13,8 +13,11 @@ reference's pixels. The default stays PIL, for every Auto class too (see `mgllav
 
 This is what the reference's training and evaluation do (its HF `CLIPImageProcessor` resized the padded
 square to 768 with PIL bicubic); its chat demo resized to 336 and zero-padded instead, a bug we do not copy.
-A batch returns `pixel_values` (B, 3, S_lo, S_lo), `high_res_pixel_values` (B, 3, S_hi, S_hi) and, when the
-model uses object tokens, `object_boxes` (sum n_i, 4) with `object_counts` (B,).
+A batch returns `pixel_values` (B, 3, S_lo, S_lo), `high_res_pixel_values` (B, 3, S_hi, S_hi) when the model
+has the high-res branch (`use_high_res`), and, when it uses object tokens, `object_boxes` (sum n_i, 4) with
+`object_counts` (B,). Without the branch the S_hi image is still made for an image (the low-res tensor is its
+downsample, the path models are trained on) but not kept, hashed or sent; video frames skip it altogether
+(their low-res frames are resized on their own).
 
 Boxes per image: given (original pixels), `[]` for none, or None for "not given", which here means no boxes.
 No detector lives here: `MGLlavaProcessor.proposer` (or the engine's) fills boxes that are not given before
@@ -61,6 +64,7 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         image_mean: tuple[float, ...] = CLIP_MEAN,
         image_std: tuple[float, ...] = CLIP_STD,
         use_object_tokens: bool = True,
+        use_high_res: bool = True,
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         apply_exif: bool = True,
         box_nms_iou: float | None = 0.2,
@@ -78,6 +82,7 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.use_object_tokens = bool(use_object_tokens)
+        self.use_high_res = bool(use_high_res)
         self.max_image_pixels = max_image_pixels
         self.apply_exif = bool(apply_exif)
         self.box_nms_iou = box_nms_iou
@@ -146,7 +151,9 @@ class MGLlavaImageProcessor(BaseImageProcessor):
     def _batch(
         self, lows: list[torch.Tensor], highs: list[torch.Tensor], framed: list[Boxes]
     ) -> dict[str, Any]:
-        data: dict[str, Any] = {"pixel_values": torch.cat(lows), "high_res_pixel_values": torch.cat(highs)}
+        data: dict[str, Any] = {"pixel_values": torch.cat(lows)}
+        if self.use_high_res:
+            data["high_res_pixel_values"] = torch.cat(highs)
         if self.use_object_tokens:
             data["object_boxes"] = torch.cat([b.xyxy for b in framed]) if framed else torch.zeros(0, 4)
             data["object_counts"] = torch.tensor([len(b) for b in framed], dtype=torch.long)
@@ -162,13 +169,17 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         if boxes is not None and len(boxes) != len(frames):
             raise ValueError(f"got boxes for {len(boxes)} frames but the video gives {len(frames)} frames")
         low = frame_pixels(frames, self.low_res_size, self.image_mean, self.image_std)
-        high = frame_pixels(frames, self.high_res_size, self.image_mean, self.image_std)
+        high = (
+            frame_pixels(frames, self.high_res_size, self.image_mean, self.image_std)
+            if self.use_high_res
+            else None
+        )
         framed = []
         if self.use_object_tokens:
             for t, frame in enumerate(frames):
                 raw = None if boxes is None else boxes[t]
                 framed.append(self.boxes_for(raw, *frame.size, f"boxes of video frame {t}", video=True))
-        return self._batch([low], [high], framed)
+        return self._batch([low], [high] if high is not None else [], framed)
 
     def preprocess(
         self,
@@ -189,7 +200,8 @@ class MGLlavaImageProcessor(BaseImageProcessor):
         for image, rgb, image_boxes in zip(image_list, rgbs, box_list, strict=True):
             low, high = self.pixels(rgb)
             lows.append(low[None])
-            highs.append(high[None])
+            if self.use_high_res:
+                highs.append(high[None])
             if self.use_object_tokens:
                 framed.append(self.boxes_for(image_boxes, *rgb.size, name=f"boxes of {describe(image)}"))
         return BatchFeature(data=self._batch(lows, highs, framed), tensor_type=return_tensors)

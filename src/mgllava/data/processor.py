@@ -182,6 +182,7 @@ class MGLlavaProcessor(ProcessorMixin):
             low_res_size=config.vision_config.image_size,
             high_res_size=config.high_res_config.image_size,
             use_object_tokens=config.object_tokens != "off",
+            use_high_res=config.uses_high_res,
             **{
                 k: overrides.pop(k)
                 for k in list(overrides)

@@ -5,7 +5,8 @@
 Continuous scheduling (the engine's default; `decoding.RunningBatch`):
     worker: while idle, wait for a first job and up to `max_wait_s` after it arrived for more (or until
             `max_batch_size` are queued); then loop: admit queued jobs (oldest first, up to `max_batch_size`
-            running) into the running batch, run one decode step, resolve the jobs that finished
+            running) into the running batch, run one step (decode tokens and prompt chunks), resolve the
+            jobs that finished
     A job arriving mid-generation starts at the next step; a finished one is answered at once.
 Static scheduling (`Engine(..., scheduling="static")`, the earlier engine):
     worker: wait for a first job and the window as above; run one `Engine.generate` on up to
@@ -22,6 +23,8 @@ admitted jobs, or the whole running batch after an unexplained step failure) and
 worker is supervised: if it ever stops (an error escaping the loop), every queued and running job gets
 `EngineUnavailable` at once, `alive` turns False and `submit` refuses (`Busy(closed=True)`), so nothing
 waits on a worker that is gone. Every future is settled through `_settle`, which never sets a settled one.
+Threads: the worker is the thread that runs the model; `threads` sets its intra-op (OpenMP) thread count at
+its start (`utils.threads`: the count is per thread), so that callers may limit every other thread to one.
 `close(timeout)` stops taking work, lets the worker finish what it has for `timeout` seconds, then fails
 whatever is left with `EngineUnavailable`.
 """
@@ -37,6 +40,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
+from ..utils.threads import set_threads
 from .decoding import Request, RunningBatch
 from .engine import Engine
 from .requests import ChatResult, EngineUnavailable, Prepared, failed
@@ -77,6 +81,7 @@ class Batcher:
         max_wait_s: float = 0.01,
         max_queue: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        threads: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size}, {max_queue}")
@@ -85,6 +90,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.clock = clock
+        self.threads = threads  # the worker's intra-op threads (None: as the process sets them)
         self.batch_sizes: Counter[int] = Counter()  # how many times k jobs started together
         self.step_sizes: Counter[int] = Counter()  # continuous: how many decode steps ran k rows
         self.running = 0  # jobs started and not yet answered
@@ -142,6 +148,8 @@ class Batcher:
     # -- supervision --------------------------------------------------------------------------------------
     def _supervise(self, loop: Callable[[], None]) -> None:
         try:
+            if self.threads is not None:
+                set_threads(self.threads)
             loop()
         except BaseException as err:  # the worker is gone: nobody may wait on it
             logger.critical("the generation worker stopped", exc_info=True)

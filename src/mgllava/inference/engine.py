@@ -6,8 +6,9 @@
         `get_image_features` call) --> decoding (below) --> per-row text, streamed through `on_text`
         callbacks as it is decoded
 
-- Scheduling. "continuous" (the default): `decoding.RunningBatch` prefills requests and decodes them one
-  token per step over a batched KV cache that requests join between steps and leave as soon as they finish;
+- Scheduling. "continuous" (the default): `decoding.RunningBatch` decodes requests one token per step over a
+  batched KV cache that requests join as soon as their prompts are computed (in chunks inside the same
+  steps, within `max_step_tokens` per step: `packed`) and leave as soon as they finish;
   the `Batcher` admits a request that arrives mid-generation at the next step. Any sampling settings share a
   batch (each row picks its own tokens). "static": one left-padded `model.generate(mm_encoder_outputs=...)`
   per batch of requests with the same sampling settings; a request arriving mid-batch waits for the whole
@@ -63,7 +64,8 @@ from ..media.video import VideoError
 from ..model.generation import configure_generation
 from ..utils.dtypes import resolve_dtype
 from .cache import LRUCache, digest
-from .decoding import Request, RunningBatch
+from .decoding import MAX_STEP_TOKENS, Request, RunningBatch
+from .packed import install as install_packed
 from .prefix import MIN_REUSE, PrefixCache
 from .requests import (
     ChatResult,
@@ -101,7 +103,8 @@ class Engine:
     """Model + processor + optional box proposer. Thread-safe: model work runs under one lock (a whole
     static batch, or one continuous step). `scheduling`: "continuous" or "static" (see the module notes);
     `prefix_cache_bytes`: the bound on earlier turns' KV caches kept for reuse (0: none; continuous only);
-    `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why)."""
+    `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why);
+    `max_step_tokens`: a continuous step's token budget (one per decoding row, the rest for prompt chunks)."""
 
     def __init__(
         self,
@@ -118,9 +121,12 @@ class Engine:
         prefix_min_tokens: int = MIN_REUSE,
         max_prompt_chars: int | None = None,
         max_message_chars: int | None = None,
+        max_step_tokens: int = MAX_STEP_TOKENS,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model = model.eval()
         self.processor = processor
         self.proposer = proposer
@@ -128,12 +134,17 @@ class Engine:
             processor.image_processor.max_image_pixels = max_image_pixels
         if box_settings:
             self._set_box_settings(box_settings)
+        # the high-res tensor exactly when the model has the branch (a folder saved before the setting existed
+        # made it for every model)
+        processor.image_processor.use_high_res = model.config.uses_high_res
         configure_generation(model, processor)
         self.features: LRUCache[torch.Tensor] = LRUCache(feature_cache_bytes)
         self.encode_batch_size = encode_batch_size
         self.scheduling = scheduling
+        self.max_step_tokens = max_step_tokens
         if scheduling == "continuous":
             _check_continuous(model.generation_config)
+            install_packed(model.language_model)
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
         self.prefixes = PrefixCache(prefix_cache_bytes, prefix_min_tokens) if use_prefixes else None
         self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN * self.context_length
@@ -392,8 +403,7 @@ class Engine:
         frames, start = [], 0
         for j in range(batch["pixel_values"].shape[0]):
             tensors = {
-                "pixel_values": batch["pixel_values"][j : j + 1],
-                "high_res_pixel_values": batch["high_res_pixel_values"][j : j + 1],
+                k: batch[k][j : j + 1] for k in ("pixel_values", "high_res_pixel_values") if k in batch
             }
             if counts is not None:
                 tensors["object_boxes"] = batch["object_boxes"][start : start + counts[j]]

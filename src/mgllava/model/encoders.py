@@ -2,6 +2,8 @@
 
 - `LowResEncoder`: transformers `CLIPVisionModel` (openai/clip-vit-large-patch14-336 in the paper).
   Output: hidden_states[vision_feature_layer] without CLS, (B, grid*grid, hidden_size) = (B, 576, 1024).
+  Its forward runs the layers up to that one only (the paper's penultimate: 23 of 24 layers), the same ops
+  as `CLIPVisionModel` with every hidden state returned, which `clip_outputs` still gives when asked.
 - `HighResEncoder`: the ConvNeXt trunk (OpenCLIP convnext_large_d_320 in the paper) as transformers'
   `ConvNextEmbeddings` + `ConvNextStage`s; output: the stage maps [(B, C_s, H_s, W_s)] for s = 0..3,
   at 768 px (192,192,192) (384,96,96) (768,48,48) (1536,24,24).
@@ -86,8 +88,17 @@ class LowResEncoder(CLIPPreTrainedModel):
         """The feature layer without CLS: (B, grid*grid, C)."""
         return outputs.hidden_states[self.feature_layer][:, 1:]
 
+    @property
+    def layers_used(self) -> int:
+        """CLIP layers the feature layer depends on (hidden_states[0] is the embeddings' output)."""
+        return self.feature_layer % (len(self.clip.encoder.layers) + 1)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.select(self.clip_outputs(pixel_values))
+        """The feature layer without CLS, (B, grid*grid, C), computed through that layer and no further."""
+        hidden = self.clip.pre_layrnorm(self.clip.embeddings(pixel_values))  # (B, 1 + grid*grid, C)
+        for layer in self.clip.encoder.layers[: self.layers_used]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:]
 
 
 class ConvNextBlock(ConvNextLayer):

@@ -269,10 +269,10 @@ class MGLlavaModel(MGLlavaPreTrainedModel):
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         attentions = self.config.output_attentions if output_attentions is None else output_attentions
         low_param = _param_of(self.vision_tower)
-        clip_out = self.vision_tower.clip_outputs(
-            pixel_values.to(low_param.device, low_param.dtype), attentions
-        )
-        low = self.vision_tower.select(clip_out)  # (B, N, C_lo)
+        pixels = pixel_values.to(low_param.device, low_param.dtype)
+        clip_out = self.vision_tower.clip_outputs(pixels, attentions) if hidden or attentions else None
+        # (B, N, C_lo); without outputs to return, CLIP runs only the layers the feature layer needs
+        low = self.vision_tower.select(clip_out) if clip_out is not None else self.vision_tower(pixels)
         stages = self._high_res_stages(high_res_pixel_values)
         stages_here = [s.to(low.device) for s in stages] if stages is not None else None
         fused = self.fusion(low, stages_here)  # (B, N, fusion.out_dim)

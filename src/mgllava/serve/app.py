@@ -60,6 +60,7 @@ from ..inference import (
     Prepared,
     RequestFailed,
 )
+from ..utils.threads import available_cores, limited_threads
 from . import errors, openapi, schemas
 from .errors import ApiError
 from .fetch import AddressPolicy, ImageFetcher, Resolver, system_resolver
@@ -98,11 +99,16 @@ class ServerSettings:
         10.0  # the whole body must arrive within this (slow uploads hold a slot until then)
     )
     shutdown_timeout_s: float = 10.0  # on SIGTERM: for open requests, then again for the worker
+    threads: int | None = None  # the model thread's intra-op threads; None: the process's cores
+    prepare_threads: int = (
+        1  # intra-op threads of each request's preparation (never a team beside the model's)
+    )
 
     def __post_init__(self) -> None:
         counts = ("max_body_bytes", "max_tokens", "default_max_tokens", "max_in_flight", "max_batch_size",
                   "max_queue", "max_images", "max_boxes_per_image", "max_boxes_per_request", "max_box_pairs",
-                  "max_request_pixels", "max_json_items", "max_preparing", "image_url_max_bytes")  # fmt: skip
+                  "max_request_pixels", "max_json_items", "max_preparing", "image_url_max_bytes", "threads",
+                  "prepare_threads")  # fmt: skip
         for name in counts:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -172,7 +178,8 @@ class Server:
 
     def start(self) -> None:
         s = self.settings
-        self.batcher = Batcher(self.engine, s.max_batch_size, s.batch_window_s, s.max_queue)
+        self.batcher = Batcher(self.engine, s.max_batch_size, s.batch_window_s, s.max_queue,
+                               threads=s.threads or available_cores())  # fmt: skip
 
     def stop(self) -> None:
         if self.batcher is not None:
@@ -238,13 +245,16 @@ class Server:
         async with self._prepare_slots:
             self.preparing += 1
             try:
-                return await run_in_threadpool(
-                    self.engine.prepare, messages, None, boxes, None, None, settings
-                )
+                return await run_in_threadpool(self._prepare, messages, boxes, settings)
             except EngineInputError as err:
                 raise errors.from_engine(err) from err
             finally:
                 self.preparing -= 1
+
+    def _prepare(self, messages: list[dict[str, Any]], boxes: Any, settings: GenerationSettings) -> Prepared:
+        """`Engine.prepare` with the preparation threads' intra-op count (`--prepare-threads`)."""
+        with limited_threads(self.settings.prepare_threads):
+            return self.engine.prepare(messages, None, boxes, None, None, settings)
 
     async def _fetch_urls(self, parts: list[tuple[str, dict[str, Any]]]) -> None:
         """Data URLs stay; http(s) URLs are fetched if allowed (all URLs are checked before any fetch)."""
