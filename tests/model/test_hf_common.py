@@ -189,7 +189,9 @@ def test_hidden_states_and_attentions_of_every_part(tester):
         low = image.hidden_states[config.vision_feature_layer][:, 1:]
         fused = model.fusion(low, list(image.high_res_hidden_states))
         rows = model.projector(fused)
-        assert torch.equal(image.last_hidden_state, image.hidden_states[-1])  # CLIP's last layer, as LLaVA's
+        # CLIP at the feature layer, CLS included, equal to what running only the layers up to it gives
+        assert torch.equal(image.last_hidden_state, image.hidden_states[config.vision_feature_layer])
+        assert torch.equal(plain.image_outputs.last_hidden_state, image.last_hidden_state)
         for i, visual in enumerate(image.pooler_output):
             assert torch.equal(visual[: config.num_image_tokens], rows[i])
 

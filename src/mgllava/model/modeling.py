@@ -77,8 +77,9 @@ class MGLlavaCausalLMOutput(MultimodalCausalLMOutputWithPast):
 
 @dataclass
 class MGLlavaImageOutput(BaseModelOutputWithPooling):
-    """What `get_image_features` returns, as LLaVA's: `last_hidden_state`, the CLIP tower's last layer
-    (B_img, 1 + 576, C_lo), CLS included; `pooler_output`: one (576 + n_i, H) tensor of visual rows per image
+    """What `get_image_features` returns, as LLaVA's: `last_hidden_state`, the CLIP tower's output at the
+    feature layer (B_img, 1 + 576, C_lo), CLS included (LLaVA's is the last layer; layers after the feature
+    layer are not run here); `pooler_output`: one (576 + n_i, H) tensor of visual rows per image
     (projected image rows, then its object rows: what fills its placeholders). When asked
     (`output_hidden_states`, `output_attentions`), as LLaVA returns its tower's: `hidden_states` and
     `attentions` of the CLIP tower (embeddings + every layer, CLS included), and `high_res_hidden_states`,
@@ -271,8 +272,13 @@ class MGLlavaModel(MGLlavaPreTrainedModel):
         low_param = _param_of(self.vision_tower)
         pixels = pixel_values.to(low_param.device, low_param.dtype)
         clip_out = self.vision_tower.clip_outputs(pixels, attentions) if hidden or attentions else None
-        # (B, N, C_lo); without outputs to return, CLIP runs only the layers the feature layer needs
-        low = self.vision_tower.select(clip_out) if clip_out is not None else self.vision_tower(pixels)
+        # (B, 1 + N, C_lo); without outputs to return, CLIP runs only the layers the feature layer needs
+        features = (
+            clip_out.hidden_states[self.vision_tower.feature_layer]
+            if clip_out is not None
+            else self.vision_tower.feature_states(pixels)
+        )
+        low = features[:, 1:]  # (B, N, C_lo): CLS dropped
         stages = self._high_res_stages(high_res_pixel_values)
         stages_here = [s.to(low.device) for s in stages] if stages is not None else None
         fused = self.fusion(low, stages_here)  # (B, N, fusion.out_dim)
@@ -288,7 +294,7 @@ class MGLlavaModel(MGLlavaPreTrainedModel):
             objects = self.get_object_features(stages, object_boxes, object_counts)
             rows = [self.object_mixer(r, o.to(r.device, r.dtype)) for r, o in zip(rows, objects, strict=True)]
         return MGLlavaImageOutput(
-            last_hidden_state=clip_out.last_hidden_state,
+            last_hidden_state=features,
             pooler_output=rows,
             hidden_states=clip_out.hidden_states if hidden else None,
             attentions=clip_out.attentions if attentions else None,
