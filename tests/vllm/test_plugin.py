@@ -1,0 +1,176 @@
+"""The vLLM plugin (`mgllava.vllm`) against our engine on a tiny random model: greedy answers equal, in fp32 and
+bf16, for 0, 1 and many boxes, two images, a multi-turn conversation, the same image under other boxes; token
+log-probabilities equal our model's; bad box input refused naming the field. Runs in the vLLM venv
+(`make test-vllm`); skipped where vLLM is not installed (the main venv)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.inputs import TokensPrompt
+
+from mgllava.inference import Engine, GenerationSettings
+from vllm import LLM, SamplingParams
+
+from ..serving import scene
+from .conftest import collapse_placeholders, llm_options
+
+pytestmark = pytest.mark.vllm
+
+NEW_TOKENS = 12
+MANY = [
+    [4 + 7 * i, 3 + 5 * (i % 4), 20 + 7 * i, 25 + 5 * (i % 4)] for i in range(9)
+]  # some overlap: NMS drops
+
+
+def ask(text: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": text}]}]
+
+
+def cases() -> dict[str, dict]:
+    one, two = scene(1), scene(2, size=(60, 90))
+    turns = [
+        *ask("what is in the picture?"),
+        {"role": "assistant", "content": "a red ellipse"},
+        {"role": "user", "content": "and what colour is the background?"},
+    ]
+    labelled = {"boxes": MANY, "labels": ["a", "b", "a"] * 3, "scores": [0.9 - 0.05 * i for i in range(9)]}
+    return {
+        "no boxes": {"messages": ask("describe"), "images": [one], "boxes": None},
+        "empty boxes": {"messages": ask("describe"), "images": [one], "boxes": [[]]},
+        "one box": {"messages": ask("describe"), "images": [one], "boxes": [[[10, 8, 50, 40]]]},
+        "many boxes": {"messages": ask("describe"), "images": [one], "boxes": [MANY]},
+        "labelled boxes": {"messages": ask("describe"), "images": [one], "boxes": [labelled]},
+        "two images": {
+            "messages": ask("compare", 2),
+            "images": [one, two],
+            "boxes": [MANY[:3], [[0, 0, 30, 45]]],
+        },
+        "multi-turn": {"messages": turns, "images": [two], "boxes": [[[5, 5, 40, 70], [10, 20, 55, 80]]]},
+    }
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def pair(request, vllm_folder):
+    """(our engine, vLLM with the plugin) over the same folder, in one dtype."""
+    dtype = request.param
+    engine = Engine.from_pretrained(vllm_folder, dtype=getattr(torch, dtype))
+    llm = LLM(str(vllm_folder), dtype=dtype, **llm_options(max_boxes=16))
+    yield engine, llm, dtype
+    del llm
+
+
+def run_both(engine: Engine, llm: LLM, case: dict, logprobs: bool = False):
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+    prepared = engine.prepare(case["messages"], case["images"], case["boxes"], settings=settings)
+    ours = engine.generate([prepared])[0]
+    prompt = TokensPrompt(
+        prompt_token_ids=collapse_placeholders(
+            prepared.input_ids, engine.processor.image_token_id, [f.rows for f in prepared.frames]
+        ),
+        multi_modal_data={"image": case["images"]},
+        mm_processor_kwargs={"boxes": case["boxes"]} if case["boxes"] is not None else None,
+    )
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0 if logprobs else None)
+    (theirs,) = llm.generate([prompt], params, use_tqdm=False)
+    return prepared, ours, theirs
+
+
+def answer_ids(engine: Engine, token_ids) -> list[int]:
+    return engine.processor.answer_ids(list(token_ids))[0]
+
+
+@pytest.mark.parametrize("name", list(cases()))
+def test_greedy_answers_equal_our_engine(pair, name):
+    engine, llm, _ = pair
+    prepared, ours, theirs = run_both(engine, llm, cases()[name])
+    assert theirs.prompt_token_ids == prepared.input_ids  # 576 + K_i rows per image (16 + K_i here)
+    assert answer_ids(engine, theirs.outputs[0].token_ids) == ours.token_ids
+
+
+def test_one_batch_equals_requests_alone(pair):
+    """All cases in one `generate` call (vLLM batches them, images of several requests in one encoder call)."""
+    engine, llm, _ = pair
+    all_cases = list(cases().values())
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+    prepared = [engine.prepare(c["messages"], c["images"], c["boxes"], settings=settings) for c in all_cases]
+    ours = engine.generate(prepared)
+    prompts = [
+        TokensPrompt(
+            prompt_token_ids=collapse_placeholders(
+                p.input_ids, engine.processor.image_token_id, [f.rows for f in p.frames]
+            ),
+            multi_modal_data={"image": c["images"]},
+            mm_processor_kwargs={"boxes": c["boxes"]} if c["boxes"] is not None else None,
+        )
+        for p, c in zip(prepared, all_cases, strict=True)
+    ]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0), use_tqdm=False)
+    assert [answer_ids(engine, o.outputs[0].token_ids) for o in outs] == [r.token_ids for r in ours]
+
+
+def test_log_probs_equal_our_model(pair):
+    """The log-probability of every generated token equals our model's (a full forward over prompt + answer),
+    so the equality above is not an accident of a flat distribution."""
+    engine, llm, dtype = pair
+    tolerance = 1e-4 if dtype == "float32" else 0.1
+    for name in ("many boxes", "two images"):
+        prepared, _, theirs = run_both(engine, llm, cases()[name], logprobs=True)
+        generated = list(theirs.outputs[0].token_ids)
+        reported = [step[t].logprob for step, t in zip(theirs.outputs[0].logprobs, generated, strict=True)]
+        ids = torch.tensor([prepared.input_ids + generated])
+        rows = engine.visual_rows(prepared.frames)
+        with torch.no_grad():
+            logits = engine.model(
+                input_ids=ids, mm_encoder_outputs={"image": _image_output(rows)}, use_cache=False
+            ).logits.float()
+        logits[..., engine.processor.image_token_id] = -math.inf
+        start = len(prepared.input_ids) - 1
+        ours = logits[0, start : start + len(generated)].log_softmax(-1)
+        expected = ours.gather(-1, torch.tensor(generated)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(reported), expected, atol=tolerance, rtol=0)
+
+
+def test_same_image_with_other_boxes_is_processed_again(pair):
+    """vLLM caches processed images by content and processor kwargs: other boxes must give other rows."""
+    engine, llm, _ = pair
+    base = cases()["one box"]
+    moved = {**base, "boxes": [[[40, 30, 90, 60]]]}
+    _, ours_a, theirs_a = run_both(engine, llm, base, logprobs=True)
+    _, ours_b, theirs_b = run_both(engine, llm, moved, logprobs=True)
+    assert answer_ids(engine, theirs_a.outputs[0].token_ids) == ours_a.token_ids
+    assert answer_ids(engine, theirs_b.outputs[0].token_ids) == ours_b.token_ids
+    first_a = theirs_a.outputs[0].logprobs[0][theirs_a.outputs[0].token_ids[0]].logprob
+    first_b = theirs_b.outputs[0].logprobs[0][theirs_b.outputs[0].token_ids[0]].logprob
+    assert (first_a, theirs_a.outputs[0].token_ids) != (first_b, theirs_b.outputs[0].token_ids)
+
+
+def test_too_many_boxes_are_refused_naming_both_numbers(pair):
+    engine, llm, _ = pair
+    apart = {"boxes": [[4 * i, 0, 4 * i + 3, 10] for i in range(20)], "labels": [f"l{i}" for i in range(20)]}
+    case = {**cases()["one box"], "boxes": [apart]}
+    with pytest.raises(ValueError, match=r"keeps 20 boxes .* at most 16"):
+        run_both(engine, llm, case)
+
+
+def test_boxes_for_the_wrong_number_of_images_are_refused(pair):
+    engine, llm, _ = pair
+    case = cases()["two images"]
+    prompt = TokensPrompt(
+        prompt_token_ids=[1, engine.processor.image_token_id, engine.processor.image_token_id, 100],
+        multi_modal_data={"image": case["images"]},
+        mm_processor_kwargs={"boxes": [MANY]},
+    )
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs.boxes must hold one entry per image \(2\)"):
+        llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def _image_output(rows: list[torch.Tensor]):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=rows)
