@@ -5,6 +5,7 @@ log-probabilities equal our model's; bad box input refused naming the field. Run
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -174,3 +175,32 @@ def _image_output(rows: list[torch.Tensor]):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     return BaseModelOutputWithPooling(pooler_output=rows)
+
+
+def test_online_proposer_boxes_equal_our_engines(vllm_folder, box_models):
+    """Images sent without boxes get the startup proposer's boxes (`mgllava serve`'s flags), as in our engine."""
+    from mgllava.boxes.cli import add_proposer_options, proposer_from_args
+
+    flags = ["--detector", str(box_models["owlv2"]), "--tagger", "fixed", "--tags", "circle,square"]
+    parser = argparse.ArgumentParser()
+    add_proposer_options(parser)
+    engine = Engine.from_pretrained(vllm_folder, proposer=proposer_from_args(parser.parse_args(flags), "cpu"))
+    llm = LLM(str(vllm_folder), dtype="float32", **llm_options(), mm_processor_kwargs={"proposer": flags})
+    case = cases()["two images"]
+    case = {**case, "boxes": None}
+    prepared, ours, theirs = run_both(engine, llm, case)
+    assert (
+        sum(len(image.boxes) for image in ours.images) > 0
+    )  # the proposer found boxes: they are in the rows
+    assert theirs.prompt_token_ids == prepared.input_ids
+    assert answer_ids(engine, theirs.outputs[0].token_ids) == ours.token_ids
+
+
+def test_a_box_file_is_refused_with_the_reason(vllm_folder, tmp_path):
+    with pytest.raises(Exception, match="--box-file cannot be used with vLLM"):
+        LLM(
+            str(vllm_folder),
+            dtype="float32",
+            **llm_options(),
+            mm_processor_kwargs={"proposer": ["--box-file", str(tmp_path / "boxes.json")]},
+        )

@@ -9,7 +9,9 @@
 
 Boxes come per request as `mm_processor_kwargs={"boxes": [entry per image]}` (needs the server flag
 `--trust-request-mm-kwargs`), an entry being what our server's `mgllava.boxes` takes: `[[x1, y1, x2, y2], ...]`,
-`{"boxes": [...], "scores": [...], "labels": [...]}`, or null (no boxes: the zero-box fallback row). vLLM keys
+`{"boxes": [...], "scores": [...], "labels": [...]}`, or null: the online proposer's boxes when the server
+starts with one (`--mm-processor-kwargs '{"proposer": ["--detector", OWLV2_FOLDER, ...]}'`, the flags of
+`mgllava serve`), else none (the zero-box fallback row). vLLM keys
 its processing cache on the image and the request's `mm_processor_kwargs`, so the same image with other boxes
 is processed again; items found in the cache are left out of `boxes` before the rest are processed
 (`_get_cache_missing_processor_kwargs`), so each image keeps its own boxes.
@@ -17,7 +19,8 @@ is processed again; items found in the cache are left out of `boxes` before the 
 Memory profiling: vLLM sizes its encoder cache with the largest item. An image may give at most `max_boxes`
 object rows (startup `--mm-processor-kwargs '{"max_boxes": N}'`, default `MAX_BOXES`); the dummy images carry
 that many boxes, and a request whose image selects more is refused with an error naming both numbers.
-Deviations from our engine: no box proposer (boxes are the request's or none) and no `<video>`.
+Deviations from our engine: no box file (images arrive decoded, with nothing to look them up by), no
+`<video>`, and no report of the boxes used (vLLM's responses have no field for it).
 """
 
 from __future__ import annotations
@@ -46,12 +49,45 @@ KWARG_BOXES = "boxes"
 KWARG_MAX_BOXES = "max_boxes"
 
 
+def build_proposer(flags: Sequence[str]) -> Any:
+    """The online box proposer from `mgllava serve`'s proposer flags (`--detector`, `--tagger`, ...), on the
+    CPU of the process that runs vLLM's processing. A box file is refused: vLLM hands the processor decoded
+    images, which have no content key to look a file up by."""
+    import argparse
+
+    from ..boxes.cli import add_proposer_options, proposer_from_args
+
+    parser = argparse.ArgumentParser(prog="mm_processor_kwargs.proposer", exit_on_error=False)
+    add_proposer_options(parser)
+    try:
+        args = parser.parse_args([str(f) for f in flags])
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise ValueError(f"mm_processor_kwargs.proposer: bad flags {list(flags)}: {err}") from err
+    if args.box_file:
+        raise ValueError(
+            "mm_processor_kwargs.proposer: --box-file cannot be used with vLLM (images reach the processor "
+            "decoded, without the bytes or path a box file is keyed by); send the boxes per request instead"
+        )
+    if not args.detector:
+        raise ValueError("mm_processor_kwargs.proposer needs --detector (an OWLv2 folder)")
+    return proposer_from_args(args, "cpu")
+
+
 class MGLlavaProcessingInfo(BaseProcessingInfo):
     def get_hf_config(self) -> MGLlavaConfig:
         return self.ctx.get_hf_config(MGLlavaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> MGLlavaProcessor:
-        return self.ctx.get_hf_processor(MGLlavaProcessor)
+        """vLLM's cached processor of the folder, with the startup `proposer` built from its flags (once)."""
+        processor = self.ctx.get_hf_processor(MGLlavaProcessor)
+        image_processor = processor.image_processor
+        # vLLM hands startup mm_processor_kwargs to `from_pretrained`: `proposer` arrives as the list of flags
+        if isinstance(image_processor.proposer, (list, tuple)):
+            image_processor.proposer = build_proposer(image_processor.proposer)
+        return processor
+
+    def _startup_kwargs(self) -> Mapping[str, Any]:
+        return self.ctx.get_mm_config().mm_processor_kwargs or {}
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
@@ -65,8 +101,7 @@ class MGLlavaProcessingInfo(BaseProcessingInfo):
 
     def max_boxes(self) -> int:
         """The most object rows one image may give (startup `mm_processor_kwargs["max_boxes"]`)."""
-        configured = self.ctx.get_mm_config().mm_processor_kwargs or {}
-        value = configured.get(KWARG_MAX_BOXES, MAX_BOXES)
+        value = self._startup_kwargs().get(KWARG_MAX_BOXES, MAX_BOXES)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"mm_processor_kwargs.max_boxes must be a positive integer, got {value!r}")
         return value if self.uses_object_tokens else 0
