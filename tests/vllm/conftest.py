@@ -21,13 +21,15 @@ import torch
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.convert.folder import configure_generation, write_folder
 
+KV_CACHE_BYTES = 256 << 20  # 512 bytes a token for the tiny LLM in fp32: room for 500k tokens
 VLLM_HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
 
 
-def write_tiny_vllm_folder(out: Path) -> Path:
-    """The `tiny` preset with LLM heads of 32 (`VLLM_HEADS`), random weights (seed 0), saved as one folder."""
+def write_tiny_vllm_folder(out: Path, **text_overrides: Any) -> Path:
+    """The `tiny` preset with LLM heads of 32 (`VLLM_HEADS`) and `text_overrides`, random weights (seed 0),
+    saved as one folder."""
     torch.manual_seed(0)
-    text = {**MGLlavaConfig.from_preset("tiny").text_config.to_dict(), **VLLM_HEADS}
+    text = {**MGLlavaConfig.from_preset("tiny").text_config.to_dict(), **VLLM_HEADS, **text_overrides}
     model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("tiny", text_config=text)).eval()
     processor = MGLlavaProcessor.from_preset("tiny")
     configure_generation(model, processor)
@@ -39,13 +41,21 @@ def vllm_folder(tmp_path_factory) -> Path:
     return write_tiny_vllm_folder(tmp_path_factory.mktemp("vllm") / "model")
 
 
+@pytest.fixture(scope="session")
+def vllm_phi3_folder(tmp_path_factory) -> Path:
+    """The same with a Phi-3 LLM (fused qkv and gate/up projections): vLLM's Phi3ForCausalLM serves it."""
+    return write_tiny_vllm_folder(tmp_path_factory.mktemp("vllm-phi3") / "model", model_type="phi3")
+
+
 def llm_options(max_boxes: int | None = None) -> dict[str, Any]:
-    """`LLM(...)` options for this machine: a small KV cache (vLLM-CPU reserves a fraction of host memory),
-    eager mode (no compile: seconds, not minutes), a few images per prompt."""
+    """`LLM(...)` options for this machine: a small KV cache of a fixed size (vLLM-CPU otherwise reserves a
+    fraction of host memory less what the process already holds, which the models built by earlier tests
+    use up), eager mode (no compile: seconds, not minutes), a few images per prompt."""
     options: dict[str, Any] = {
         "max_model_len": 2048,
         "enforce_eager": True,
         "gpu_memory_utilization": 0.05,
+        "kv_cache_memory_bytes": KV_CACHE_BYTES,
         "limit_mm_per_prompt": {"image": 4},
     }
     if max_boxes is not None:

@@ -177,6 +177,17 @@ def _image_output(rows: list[torch.Tensor]):
     return BaseModelOutputWithPooling(pooler_output=rows)
 
 
+def test_phi3_family_answers_equal_our_engine(vllm_phi3_folder):
+    """The LLM is vLLM's own implementation of `text_config`'s family: Phi-3 here (Llama in the tests above)."""
+    engine = Engine.from_pretrained(vllm_phi3_folder)
+    assert type(engine.model.model.language_model).__name__ == "Phi3Model"
+    llm = LLM(str(vllm_phi3_folder), dtype="float32", **llm_options())
+    for name in ("many boxes", "two images", "multi-turn"):
+        prepared, ours, theirs = run_both(engine, llm, cases()[name])
+        assert theirs.prompt_token_ids == prepared.input_ids
+        assert answer_ids(engine, theirs.outputs[0].token_ids) == ours.token_ids
+
+
 def test_online_proposer_boxes_equal_our_engines(vllm_folder, box_models):
     """Images sent without boxes get the startup proposer's boxes (`mgllava serve`'s flags), as in our engine."""
     from mgllava.boxes.cli import add_proposer_options, proposer_from_args

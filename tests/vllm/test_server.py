@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 from mgllava.inference import Engine, GenerationSettings  # noqa: E402
 
 from ..serving import data_url, scene  # noqa: E402
+from .conftest import KV_CACHE_BYTES  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -37,7 +38,8 @@ def server(vllm_folder, tmp_path_factory):
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_folder),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-        "--enforce-eager", "--gpu-memory-utilization", "0.05", "--trust-request-mm-kwargs",
+        "--enforce-eager", "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        "--trust-request-mm-kwargs",
         "--limit-mm-per-prompt", '{"image": 4}',
     ]  # fmt: skip
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
