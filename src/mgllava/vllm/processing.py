@@ -13,8 +13,10 @@ Boxes come per request as `mm_processor_kwargs={"boxes": [entry per image]}` (ne
 starts with one (`--mm-processor-kwargs '{"proposer": ["--detector", OWLV2_FOLDER, ...]}'`, the flags of
 `mgllava serve`), else none (the zero-box fallback row). vLLM keys
 its processing cache on the image and the request's `mm_processor_kwargs`, so the same image with other boxes
-is processed again; items found in the cache are left out of `boxes` before the rest are processed
-(`_get_cache_missing_processor_kwargs`), so each image keeps its own boxes.
+is processed again. vLLM keys an image on the request's whole `mm_processor_kwargs`; here each image's key
+covers its own boxes entry instead of the list (`_get_mm_hashes`), and images found in the cache are left out
+of `boxes` before the others are processed (`_get_cache_missing_processor_kwargs`), so each image keeps its
+own boxes.
 
 Memory profiling: vLLM sizes its encoder cache with the largest item. An image may give at most `max_boxes`
 object rows (startup `--mm-processor-kwargs '{"max_boxes": N}'`, default `MAX_BOXES`); the dummy images carry
@@ -25,10 +27,13 @@ Deviations from our engine: no box file (images arrive decoded, with nothing to 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from transformers import BatchFeature
+from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import (
@@ -146,6 +151,15 @@ def boxes_per_image(value: Any, num_images: int) -> list[Any]:
     return list(value)
 
 
+def _plain(value: Any) -> Any:
+    """Box entries given from Python may hold arrays or tensors (or our `Boxes`): their JSON for the cache key."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"boxes: cannot read a {type(value).__name__}")
+
+
 class MGLlavaMultiModalProcessor(BaseMultiModalProcessor[MGLlavaProcessingInfo]):
     def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any) -> Any:
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
@@ -175,6 +189,22 @@ class MGLlavaMultiModalProcessor(BaseMultiModalProcessor[MGLlavaProcessingInfo])
             data["object_boxes"] = out["object_boxes"].round().long()
             data["object_counts"] = counts
         return BatchFeature(data)
+
+    def _get_mm_hashes(self, inputs: Any) -> dict[str, list[str]]:
+        """vLLM keys each image on the request's whole `mm_processor_kwargs`, which pairs an image with the list
+        of every image's boxes: two requests with the same list but the images in another order would share an
+        image's cached rows. Here each image's key covers its own boxes entry instead of the list."""
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        boxes = kwargs.pop(KWARG_BOXES, None)
+        hashes = dict(super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=kwargs)))
+        if "image" in hashes:
+            algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+            entries = boxes_per_image(boxes, len(hashes["image"]))
+            hashes["image"] = [
+                MultiModalHasher.hash_kwargs(algorithm, image=key, boxes=json.dumps(entry, default=_plain))
+                for key, entry in zip(hashes["image"], entries, strict=True)
+            ]
+        return hashes
 
     def _get_cache_missing_processor_kwargs(
         self, inputs: Any, mm_is_cached: Mapping[str, list[bool]]
