@@ -270,3 +270,17 @@ def test_an_image_cached_under_other_boxes_is_not_reused(pair):
         prepared, ours, theirs = run_both(engine, llm, case, logprobs=True)
         assert_log_probs_equal(engine, prepared, theirs, dtype)
         assert_same_answer(engine, prepared, ours, theirs, dtype)
+
+
+def test_dummy_images_for_memory_profiling_carry_max_boxes(pair):
+    """vLLM profiles memory with dummy inputs: each dummy image must give the most rows an image can
+    (num_image_tokens + max_boxes), and that is what the plugin declares as its largest item."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    engine, llm, _ = pair
+    model_config = llm.llm_engine.model_config
+    processor = MULTIMODAL_REGISTRY.create_processor(model_config)
+    dummy = processor.get_dummy_mm_inputs({"image": 2})
+    expected = engine.processor.num_image_tokens + 16  # the pair's max_boxes
+    assert [p.length for p in dummy["mm_placeholders"]["image"]] == [expected, expected]
+    assert processor.info.get_mm_max_tokens_per_item(2048, {"image": 1}) == {"image": expected}
