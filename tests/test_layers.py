@@ -21,6 +21,7 @@ ALLOWED = {
     "eval": {"inference", "convert", "data", "model", "boxes", "media", "utils", "config"},
     "serve": {"inference", "data", "boxes", "media", "utils", "config"},
     "harness": {"inference", "eval", "boxes", "data", "model", "media", "utils", "config"},
+    "vllm": {"data", "model", "boxes", "media", "utils", "config"},
 }
 
 

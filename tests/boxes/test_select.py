@@ -59,3 +59,25 @@ def test_nms_runs_on_original_pixels_before_rounding_into_the_frame():
     boxes = Boxes([[0, 0, 115, 100], [85, 0, 185, 100]], [0.9, 0.8], ["cat", "cat"])
     out = processor(image, boxes=boxes)
     assert out["object_boxes"].tolist() == [[0, 0, 6, 5], [4, 0, 9, 5]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_batched_nms_equals_torchvision(seed):
+    """The plain-torch NMS keeps the boxes torchvision's keeps, in the same order (ties, empty boxes and
+    several labels included)."""
+    from torchvision.ops import batched_nms as tv_batched_nms
+
+    from mgllava.boxes.select import batched_nms
+
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    xy = torch.randint(0, 50, (n, 2), generator=g).float()
+    wh = torch.randint(0, 30, (n, 2), generator=g).float()  # some zero-width boxes
+    xyxy = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.randint(0, 10, (n,), generator=g).float() / 10  # many ties
+    labels = torch.randint(0, 3, (n,), generator=g)
+    for iou in (0.0, 0.2, 0.5):
+        assert (
+            batched_nms(xyxy, scores, labels, iou).tolist()
+            == tv_batched_nms(xyxy, scores, labels, iou).tolist()
+        )

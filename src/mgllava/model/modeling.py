@@ -185,52 +185,30 @@ class MGLlavaPreTrainedModel(PreTrainedModel):
             )
 
 
-class MGLlavaModel(MGLlavaPreTrainedModel):
-    """The base model: vision towers, fusion, projectors and the LLM's decoder (no LM head); `forward` returns
-    the decoder's hidden states (`MGLlavaModelOutputWithPast`), as `LlavaModel` does."""
+def build_visual_modules(module: nn.Module, config: MGLlavaConfig) -> None:
+    """Set the vision path's modules on `module` under their `MODULES` names (`vision_tower`, `high_res_tower`,
+    `fusion`, `projector`, `box_projector`, `object_mixer`), as this variant of `config` has them."""
+    hidden = config.text_config.hidden_size
+    module.vision_tower = LowResEncoder(config.vision_config, config.vision_feature_layer)
+    module.high_res_tower = HighResEncoder(config.high_res_config) if config.uses_high_res else None
+    stage_dims = list(config.high_res_config.hidden_sizes)
+    module.fusion = build_fusion(config.fusion, module.vision_tower.hidden_size, stage_dims)
+    module.projector = build_projector(module.fusion.out_dim, hidden, config.projector_hidden_act)
+    module.box_projector = (
+        build_projector(config.object_feature_dim, hidden, config.projector_hidden_act)
+        if config.object_tokens != "off"
+        else None
+    )
+    module.object_mixer = ObjectMixer(config.object_tokens, hidden)
 
-    MODULES = MODULES
-    PRETRAINED_MODULES = PRETRAINED_MODULES
-    NEW_MODULES = NEW_MODULES
 
-    def __init__(self, config: MGLlavaConfig) -> None:
-        super().__init__(config)
-        hidden = config.text_config.hidden_size
-        self.vision_tower = LowResEncoder(config.vision_config, config.vision_feature_layer)
-        self.high_res_tower = HighResEncoder(config.high_res_config) if config.uses_high_res else None
-        stage_dims = list(config.high_res_config.hidden_sizes)
-        self.fusion = build_fusion(config.fusion, self.vision_tower.hidden_size, stage_dims)
-        self.projector = build_projector(self.fusion.out_dim, hidden, config.projector_hidden_act)
-        uses_objects = config.object_tokens != "off"
-        self.box_projector = (
-            build_projector(config.object_feature_dim, hidden, config.projector_hidden_act)
-            if uses_objects
-            else None
-        )
-        self.object_mixer = ObjectMixer(config.object_tokens, hidden)
-        self.language_model = AutoModel.from_config(config.text_config)
-        # blocks `device_map="auto"` keeps on one device (the decoder's layer comes from the decoder itself):
-        # CLIP's embeddings and layers, ConvNeXt's stem and blocks (whose residual is added in place), and
-        # the fusion and object mixer, whose forwards combine their children's outputs
-        self._no_split_modules = [*TOWER_BLOCKS, type(self.fusion).__name__, type(self.object_mixer).__name__]
-        undeclared = [name for name, _ in self.named_children() if name not in self.MODULES]
-        if undeclared:
-            raise TypeError(f"modules {undeclared} are not declared in mgllava.model.modeling.MODULES")
-        self.post_init()
+class VisualRows:
+    """The vision path over the modules `build_visual_modules` sets: images and boxes -> each image's visual
+    rows. `MGLlavaModel` is one user; the vLLM plugin's model (`mgllava.vllm`) is the other, so that both
+    compute the rows with the same code. Needs `self.config` (an `MGLlavaConfig`)."""
 
-    def new_modules(self) -> list[str]:
-        """The names of this variant's own (non-pretrained) modules that have parameters."""
-        children = dict(self.named_children())
-        return [n for n in self.NEW_MODULES if n in children and any(True for _ in children[n].parameters())]
+    config: MGLlavaConfig
 
-    # -- embeddings delegate to the LLM -------------------------------------------------------------------
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
-
-    # -- vision -------------------------------------------------------------------------------------------
     def get_object_features(
         self, stages: list[torch.Tensor], object_boxes: torch.Tensor, object_counts: torch.Tensor
     ) -> list[torch.Tensor]:
@@ -312,6 +290,40 @@ class MGLlavaModel(MGLlavaPreTrainedModel):
             )
         high_param = _param_of(self.high_res_tower)
         return self.high_res_tower(high_res_pixel_values.to(high_param.device, high_param.dtype))
+
+
+class MGLlavaModel(VisualRows, MGLlavaPreTrainedModel):
+    """The base model: vision towers, fusion, projectors and the LLM's decoder (no LM head); `forward` returns
+    the decoder's hidden states (`MGLlavaModelOutputWithPast`), as `LlavaModel` does."""
+
+    MODULES = MODULES
+    PRETRAINED_MODULES = PRETRAINED_MODULES
+    NEW_MODULES = NEW_MODULES
+
+    def __init__(self, config: MGLlavaConfig) -> None:
+        super().__init__(config)
+        build_visual_modules(self, config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        # blocks `device_map="auto"` keeps on one device (the decoder's layer comes from the decoder itself):
+        # CLIP's embeddings and layers, ConvNeXt's stem and blocks (whose residual is added in place), and
+        # the fusion and object mixer, whose forwards combine their children's outputs
+        self._no_split_modules = [*TOWER_BLOCKS, type(self.fusion).__name__, type(self.object_mixer).__name__]
+        undeclared = [name for name, _ in self.named_children() if name not in self.MODULES]
+        if undeclared:
+            raise TypeError(f"modules {undeclared} are not declared in mgllava.model.modeling.MODULES")
+        self.post_init()
+
+    def new_modules(self) -> list[str]:
+        """The names of this variant's own (non-pretrained) modules that have parameters."""
+        children = dict(self.named_children())
+        return [n for n in self.NEW_MODULES if n in children and any(True for _ in children[n].parameters())]
+
+    # -- embeddings delegate to the LLM -------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
