@@ -175,6 +175,7 @@ def report(results: dict, levels: list[int], requests: int, machine: str) -> lis
         "Answers are greedy. `equal`: the two servers' answers to the same requests at this level; `as alone`:",
         "this server's answers at this level equal to its own answers to the same requests sent one at a time",
         "(fp32 kernels give other roundings at other batch sizes, and a random model has near-ties).",
+        "Where the two servers differ one request at a time as well, batching is not the cause.",
         "",
         "| clients | server | req/s | p50 s | p95 s | load before/after | equal | as alone |",
         "|---|---|---|---|---|---|---|---|",

