@@ -89,9 +89,10 @@ def overlapping(times: list[float], spans: list[tuple[float, float]]) -> tuple[l
 
 
 def measure(
-    engine: Engine, prepare_threads: int, tokens: int, repeats: int, pause: float
+    engine: Engine, prepare_threads: int, tokens: int, repeats: int, pause: float, threads: int | None
 ) -> dict[str, float]:
-    settings = ServerSettings(model_name="bench", max_tokens=tokens, prepare_threads=prepare_threads)
+    settings = ServerSettings(model_name="bench", max_tokens=tokens, prepare_threads=prepare_threads,
+                              threads=threads)  # fmt: skip
     app = create_app(engine, settings)
     gaps: dict[str, list[float]] = {"alone": [], "beside": []}
     spans: list[tuple[float, float]] = []

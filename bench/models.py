@@ -117,8 +117,8 @@ def prefill_inputs(config: MGLlavaConfig, shape: PrefillShape, seed: int = 0) ->
 
 
 def ours_parts(model: MGLlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
-    # the CLIP module itself: the model calls the tower's `clip_outputs`, not its forward
-    return {"CLIP": [model.vision_tower.clip], "ConvNeXt": [model.high_res_tower], "fusion": [model.fusion],
+    # the tower: its forward runs CLIP's layers through the feature layer (not `CLIPVisionModel.forward`)
+    return {"CLIP": [model.vision_tower], "ConvNeXt": [model.high_res_tower], "fusion": [model.fusion],
             "projectors": [model.projector, model.box_projector], "LLM": [model.model.language_model, model.lm_head]}  # fmt: skip
 
 
