@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("vllm")
 
+from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from mgllava.inference import Engine, GenerationSettings
-from vllm import LLM, SamplingParams
 
 from ..serving import scene
 from .conftest import collapse_placeholders, llm_options

@@ -232,7 +232,7 @@ class MGLlavaProcessor(ProcessorMixin):
         """Tensors of the sample's images and videos in the order of their tags, and the visual rows of each
         tag (an image: num_image_tokens + its boxes; a video: that, summed over its frames)."""
         queues = {
-            IMAGE_MARKER: iter(zip(images, self._propose(images, image_boxes), strict=True)),
+            IMAGE_MARKER: iter(zip(images, self.propose_boxes(images, image_boxes), strict=True)),
             VIDEO_MARKER: iter(zip(videos, video_boxes or [None] * len(videos), strict=True)),
         }
         parts, rows = [], []
@@ -251,7 +251,7 @@ class MGLlavaProcessor(ProcessorMixin):
             parts.append(features)
         return _concat(parts), rows
 
-    def _propose(self, images: list[Any], boxes: list[Any] | None) -> list[Any]:
+    def propose_boxes(self, images: list[Any], boxes: list[Any] | None) -> list[Any]:
         """Each image's boxes, those not given (None) filled by the proposer in one batch when one is set."""
         boxes = list(boxes) if boxes is not None else [None] * len(images)
         missing = [i for i, b in enumerate(boxes) if b is None]

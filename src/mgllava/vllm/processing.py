@@ -52,6 +52,7 @@ from ..model.configuration import MGLlavaConfig
 MAX_BOXES = 200
 KWARG_BOXES = "boxes"
 KWARG_MAX_BOXES = "max_boxes"
+KWARG_PROPOSER = "proposer"
 
 
 def build_proposer(flags: Sequence[str]) -> Any:
@@ -83,12 +84,12 @@ class MGLlavaProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(MGLlavaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> MGLlavaProcessor:
-        """vLLM's cached processor of the folder, with the startup `proposer` built from its flags (once)."""
+        """vLLM's cached processor of the folder, with the startup `proposer` built from its flags (once) and
+        set on the processor (the image processor holds no detector)."""
         processor = self.ctx.get_hf_processor(MGLlavaProcessor)
-        image_processor = processor.image_processor
-        # vLLM hands startup mm_processor_kwargs to `from_pretrained`: `proposer` arrives as the list of flags
-        if isinstance(image_processor.proposer, (list, tuple)):
-            image_processor.proposer = build_proposer(image_processor.proposer)
+        flags = self._startup_kwargs().get(KWARG_PROPOSER)
+        if flags is not None and processor.proposer is None:
+            processor.proposer = build_proposer(flags)
         return processor
 
     def _startup_kwargs(self) -> Mapping[str, Any]:
@@ -172,8 +173,11 @@ class MGLlavaMultiModalProcessor(BaseMultiModalProcessor[MGLlavaProcessingInfo])
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
         images = list(hf_data.get("images") or [])
-        image_processor = self.info.get_hf_processor().image_processor
+        processor = self.info.get_hf_processor()
+        image_processor = processor.image_processor
         boxes = boxes_per_image(hf_kwargs.get(KWARG_BOXES), len(images))
+        if image_processor.use_object_tokens:
+            boxes = processor.propose_boxes(images, boxes)  # the startup proposer's for images given none
         out = image_processor(images, boxes=boxes if image_processor.use_object_tokens else None)
         data = {"pixel_values": out["pixel_values"], "high_res_pixel_values": out["high_res_pixel_values"]}
         if image_processor.use_object_tokens:
