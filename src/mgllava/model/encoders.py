@@ -93,18 +93,13 @@ class LowResEncoder(CLIPPreTrainedModel):
         """CLIP layers the feature layer depends on (hidden_states[0] is the embeddings' output)."""
         return self.feature_layer % (len(self.clip.encoder.layers) + 1)
 
-    def feature_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The feature layer's hidden states with CLS, (B, 1 + grid*grid, C), computed through that layer and
-        no further."""
+    def forward(self, pixel_values: torch.Tensor, keep_cls: bool = False) -> torch.Tensor:
+        """The feature layer without CLS, (B, grid*grid, C) (with it first when `keep_cls`), computed through
+        that layer and no further."""
         hidden = self.clip.pre_layrnorm(self.clip.embeddings(pixel_values))  # (B, 1 + grid*grid, C)
         for layer in self.clip.encoder.layers[: self.layers_used]:
             hidden = layer(hidden, None)
-        return hidden
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The feature layer without CLS, (B, grid*grid, C), computed through that layer and no further."""
-        hidden = self.feature_states(pixel_values)
-        return hidden[:, 1:]
+        return hidden if keep_cls else hidden[:, 1:]
 
 
 class ConvNextBlock(ConvNextLayer):

@@ -254,7 +254,7 @@ class VisualRows:
         features = (
             clip_out.hidden_states[self.vision_tower.feature_layer]
             if clip_out is not None
-            else self.vision_tower.feature_states(pixels)
+            else self.vision_tower(pixels, keep_cls=True)
         )
         low = features[:, 1:]  # (B, N, C_lo): CLS dropped
         stages = self._high_res_stages(high_res_pixel_values)
