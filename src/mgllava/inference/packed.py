@@ -18,8 +18,9 @@ transformers hook: `install` registers `mgllava_packed_<impl>` with transformers
 `<impl>`'s mask function under the same name) and sets it on the LLM. A call without a `packed` argument (a
 plain forward, `generate`, the static engine) goes to `<impl>` unchanged; a mixed step passes `packed=`
 its `PackedCache` through the model's keyword arguments, which reach every attention call and cache update.
-Each part of a mixed step's attention is computed by transformers' sdpa function with a 4-D boolean mask, so
-with sdpa (the default) a decoding row's attention is the plain decode step's call; with another
+Each part of a mixed step's attention is computed by transformers' sdpa function with a 4-D boolean mask (bf16
+decode rows on the CPU: `attention.grouped_decode_attention`, the same kernel call), so with sdpa (the
+default) a decoding row's attention is the plain decode step's call; with another
 implementation (eager, flash, flex) the parts still use sdpa, whose masks those do not take in this form. A sliding window (`sliding_window` passed by Mistral-style
 attention) is applied to both parts, in positions.
 """
@@ -32,10 +33,10 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention import decode_aware_sdpa
 from .kv import BatchCache
 
 PREFIX = "mgllava_packed_"
@@ -147,7 +148,7 @@ def install(language_model: Any) -> str:
     if current.startswith(PREFIX):
         return current
     name = PREFIX + current
-    inner = ALL_ATTENTION_FUNCTIONS.get(current)
+    inner = decode_aware_sdpa if current == "sdpa" else ALL_ATTENTION_FUNCTIONS.get(current)
 
     def attention(module, query, key, value, attention_mask, *args, packed=None, **kwargs):
         if packed is None:
@@ -155,7 +156,7 @@ def install(language_model: Any) -> str:
             return own(module, query, key, value, attention_mask, *args, **kwargs)
         # the parts' masks are 4-D boolean, which sdpa (and only it) takes as they are
         return packed_attention(module, query, key, value, attention_mask, *args, packed=packed,
-                                inner=sdpa_attention_forward, **kwargs)  # fmt: skip
+                                inner=decode_aware_sdpa, **kwargs)  # fmt: skip
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
