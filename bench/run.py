@@ -30,7 +30,18 @@ from common import verdict
 from mgllava.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-SUITE = ["prefill", "object_pooling", "decode", "scaling", "memory", "serve", "turns", "gap"]
+SUITE = [
+    "prefill",
+    "object_pooling",
+    "decode",
+    "decode_attention",
+    "scaling",
+    "memory",
+    "serve",
+    "turns",
+    "gap",
+    "vllm_serve",
+]
 
 
 def git_state() -> str:

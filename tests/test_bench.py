@@ -159,7 +159,7 @@ def test_suite_runner_writes_results(tmp_path):
     text = out.read_text()
     for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill", "## Object pooling", "## Decode",
                     "## Prefill scaling", "## Memory", "## Serving", "## Second turn",
-                    "## Serving: inter-token gap"):  # fmt: skip
+                    "## Serving: inter-token gap", "## Decode attention", "## Serving: our server vs vLLM"):  # fmt: skip
         assert heading in text
 
 
@@ -171,6 +171,21 @@ def test_serving_benches_quick_record_their_goals(tmp_path):
     assert [g["goal"] for g in turns["goals"]] == ["second turn's time to first text vs recomputation"]
     gap = run_quick("bench_gap", tmp_path)
     assert gap["values"]["gap_ratio"] > 0 and gap["values"]["gap_ratio_full_team"] > 0
+
+
+def test_decode_attention_quick_compares_transformers_call_with_ours(tmp_path):
+    values = run_quick("bench_decode_attention", tmp_path, "--rounds", "1")["values"]
+    assert {"bfloat16", "float32"} == {key.split()[0] for key in values}
+    assert all(v["sdpa"] > 0 and v["grouped"] > 0 and v["diff"] < 0.05 for v in values.values())
+
+
+def test_vllm_serve_bench_without_the_vllm_venv_records_why_it_did_not_run(tmp_path, monkeypatch):
+    import bench_vllm_serve
+
+    monkeypatch.setattr(bench_vllm_serve, "VLLM_PYTHON", tmp_path / "no-venv" / "bin" / "python")
+    record = run_quick("bench_vllm_serve", tmp_path)
+    assert "skipped: no vLLM venv" in record["markdown"]
+    assert [g["met"] for g in record["goals"]] == [None]
 
 
 def test_memory_bench_materialises_meta_models_with_real_buffers():
