@@ -25,13 +25,16 @@ KV_CACHE_BYTES = 256 << 20  # 512 bytes a token for the tiny LLM in fp32: room f
 VLLM_HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
 
 
-def write_tiny_vllm_folder(out: Path, **text_overrides: Any) -> Path:
+def write_tiny_vllm_folder(out: Path, shape: dict[str, str] | None = None, **text_overrides: Any) -> Path:
     """The `tiny` preset with LLM heads of 32 (`VLLM_HEADS`) and `text_overrides`, random weights (seed 0),
-    saved as one folder."""
+    saved as one folder; `shape` sets `fusion` and `object_tokens` (the processor then follows the config)."""
     torch.manual_seed(0)
     text = {**MGLlavaConfig.from_preset("tiny").text_config.to_dict(), **VLLM_HEADS, **text_overrides}
-    model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("tiny", text_config=text)).eval()
+    config = MGLlavaConfig.from_preset("tiny", text_config=text, **(shape or {}))
+    model = MGLlavaForConditionalGeneration(config).eval()
     processor = MGLlavaProcessor.from_preset("tiny")
+    if shape:
+        processor = MGLlavaProcessor.for_config(config, processor.tokenizer, template="vicuna")
     configure_generation(model, processor)
     return write_folder(model, processor, out)
 
@@ -45,6 +48,13 @@ def vllm_folder(tmp_path_factory) -> Path:
 def vllm_phi3_folder(tmp_path_factory) -> Path:
     """The same with a Phi-3 LLM (fused qkv and gate/up projections): vLLM's Phi3ForCausalLM serves it."""
     return write_tiny_vllm_folder(tmp_path_factory.mktemp("vllm-phi3") / "model", model_type="phi3")
+
+
+@pytest.fixture(scope="session")
+def vllm_llava_folder(tmp_path_factory) -> Path:
+    """The LLaVA-shaped ablation (no fusion, no object tokens): no ConvNeXt, so no high-res pixels either."""
+    shape = {"fusion": "none", "object_tokens": "off"}
+    return write_tiny_vllm_folder(tmp_path_factory.mktemp("vllm-llava") / "model", shape)
 
 
 def llm_options(max_boxes: int | None = None) -> dict[str, Any]:

@@ -222,6 +222,20 @@ def test_phi3_family_answers_equal_our_engine(vllm_phi3_folder):
         assert answer_ids(engine, theirs.outputs[0].token_ids) == ours.token_ids
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_without_the_convnext_answers_as_our_engine(vllm_llava_folder, dtype):
+    """No fusion and no object tokens (LLaVA's shape, as the serving bench runs it): the processor makes no
+    high-res pixels and boxes sent with a request are not used, in both."""
+    engine = Engine.from_pretrained(vllm_llava_folder, dtype=getattr(torch, dtype))
+    assert not engine.processor.image_processor.use_high_res
+    llm = LLM(str(vllm_llava_folder), dtype=dtype, **llm_options())
+    for name in ("no boxes", "one box", "two images", "multi-turn"):
+        prepared, ours, theirs = run_both(engine, llm, cases()[name])
+        assert theirs.prompt_token_ids == prepared.input_ids  # 16 rows per image, no object rows
+        assert_same_answer(engine, prepared, ours, theirs, dtype)
+    del llm
+
+
 def test_online_proposer_boxes_equal_our_engines(vllm_folder, box_models):
     """Images sent without boxes get the startup proposer's boxes (`mgllava serve`'s flags), as in our engine."""
     from mgllava.boxes.cli import add_proposer_options, proposer_from_args

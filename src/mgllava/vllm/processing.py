@@ -179,7 +179,9 @@ class MGLlavaMultiModalProcessor(BaseMultiModalProcessor[MGLlavaProcessingInfo])
         if image_processor.use_object_tokens:
             boxes = processor.propose_boxes(images, boxes)  # the startup proposer's for images given none
         out = image_processor(images, boxes=boxes if image_processor.use_object_tokens else None)
-        data = {"pixel_values": out["pixel_values"], "high_res_pixel_values": out["high_res_pixel_values"]}
+        data = {"pixel_values": out["pixel_values"]}
+        if "high_res_pixel_values" in out:  # absent for a model without the ConvNeXt (no fusion, no objects)
+            data["high_res_pixel_values"] = out["high_res_pixel_values"]
         if image_processor.use_object_tokens:
             counts = out["object_counts"]
             limit = self.info.max_boxes()
@@ -224,10 +226,9 @@ class MGLlavaMultiModalProcessor(BaseMultiModalProcessor[MGLlavaProcessingInfo])
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = {
-            "pixel_values": MultiModalFieldConfig.batched("image"),
-            "high_res_pixel_values": MultiModalFieldConfig.batched("image"),
-        }
+        fields = {"pixel_values": MultiModalFieldConfig.batched("image")}
+        if "high_res_pixel_values" in hf_inputs:
+            fields["high_res_pixel_values"] = MultiModalFieldConfig.batched("image")
         if "object_counts" in hf_inputs:
             counts = hf_inputs["object_counts"]
             fields["object_boxes"] = MultiModalFieldConfig.flat_from_sizes("image", counts)
