@@ -32,8 +32,10 @@ from mgllava.utils.io import atomic_write_text
 HERE = Path(__file__).resolve().parent
 SUITE = [
     "prefill",
+    "prefill_bf16",
     "object_pooling",
     "decode",
+    "decode_bf16",
     "decode_attention",
     "scaling",
     "memory",
@@ -42,6 +44,20 @@ SUITE = [
     "gap",
     "vllm_serve",
 ]
+VARIANTS = {
+    "prefill_bf16": ("prefill", ["--dtype", "bfloat16"]),
+    "decode_bf16": ("decode", ["--dtype", "bfloat16"]),
+}
+
+
+def script_of(name: str) -> tuple[str, list[str]]:
+    """A suite entry's script (bench/bench_<script>.py) and its extra arguments."""
+    return VARIANTS.get(name, (name, []))
+
+
+def label(name: str) -> str:
+    script, extra = script_of(name)
+    return " ".join([f"bench_{script}.py", *extra])
 
 
 def git_state() -> str:
@@ -60,19 +76,21 @@ def load() -> str:
 def run_script(name: str, quick: bool, folder: Path) -> tuple[dict, str, str]:
     """Run bench_<name>.py; (its record, load average before, after)."""
     out = folder / f"{name}.json"
+    script, extra = script_of(name)
     argv = [
         sys.executable,
-        str(HERE / f"bench_{name}.py"),
+        str(HERE / f"bench_{script}.py"),
+        *extra,
         "--record",
         str(out),
         *(["--quick"] if quick else []),
     ]
     before = load()
-    print(f"\n=== bench_{name}.py (load average {before})", flush=True)
+    print(f"\n=== {label(name)} (load average {before})", flush=True)
     done = subprocess.run(argv, cwd=HERE)
     after = load()
     if done.returncode != 0:
-        raise SystemExit(f"bench_{name}.py failed (exit {done.returncode}); nothing written")
+        raise SystemExit(f"{label(name)} failed (exit {done.returncode}); nothing written")
     return json.loads(out.read_text()), before, after
 
 
@@ -95,7 +113,7 @@ def machine_section(records: dict[str, dict]) -> list[str]:
     ]
     for name, r in records.items():
         m = r["machine"]
-        lines.append(f"| bench_{name}.py | {m['fp32_gflops']:.0f} | {m['bf16_gflops']:.0f} | {m['bandwidth_gbs']:.1f} | "
+        lines.append(f"| {label(name)} | {m['fp32_gflops']:.0f} | {m['bf16_gflops']:.0f} | {m['bandwidth_gbs']:.1f} | "
                      f"{r['load_before']} | {r['load_after']} |")  # fmt: skip
     return [*lines, ""]
 
@@ -109,7 +127,7 @@ def goals_section(records: dict[str, dict]) -> list[str]:
     ]
     for name, r in records.items():
         for g in r["goals"]:
-            lines.append(f"| bench_{name}.py | {g['goal']} | {g['target']} | {g['measured']} | {verdict(g['met'])} | "
+            lines.append(f"| {label(name)} | {g['goal']} | {g['target']} | {g['measured']} | {verdict(g['met'])} | "
                          f"{g['note']} |")  # fmt: skip
     return [*lines, ""]
 

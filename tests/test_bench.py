@@ -117,17 +117,28 @@ def run_quick(script: str, tmp_path, *extra: str) -> dict:
     return record
 
 
-def test_prefill_quick(tmp_path):
-    values = run_quick("bench_prefill", tmp_path, "--boxes", "5", "--rounds", "1")["values"]
-    assert values["logits_diff_no_boxes"] < 1e-4
+@pytest.mark.parametrize(("dtype", "same"), [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_prefill_quick(tmp_path, dtype, same):
+    record = run_quick("bench_prefill", tmp_path, "--boxes", "5", "--rounds", "1", "--dtype", dtype)
+    values = record["values"]
+    short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    assert [g["goal"] for g in record["goals"]] == [
+        f"{short} prefill time ratio vs LLaVA",
+        f"whole prefill vs {short} matmul peak",
+    ]
+    assert values["logits_diff_no_boxes"] < same
     assert values["ours_flops"] > values["peer_flops"] > 0 and values["ours_s"] > 0
     parts = {"CLIP", "ConvNeXt", "fusion", "pooling", "projectors", "LLM", "glue"}
     assert set(values["ours_parts_s"]) == parts
 
 
-def test_decode_quick(tmp_path):
-    values = run_quick("bench_decode", tmp_path, "--new-tokens", "4", "--rounds", "1")["values"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_quick(tmp_path, dtype):
+    record = run_quick("bench_decode", tmp_path, "--new-tokens", "4", "--rounds", "1", "--dtype", dtype)
+    values = record["values"]
     assert values["ours_tokens_per_s"] > 0 and values["peer_tokens_per_s"] > 0
+    assert len(record["goals"]) == (2 if dtype == "bfloat16" else 1)
+    assert ("of_bandwidth" in values) == (dtype == "bfloat16")
 
 
 def test_scaling_quick(tmp_path):
@@ -157,7 +168,9 @@ def test_suite_runner_writes_results(tmp_path):
     out = tmp_path / "results.md"
     run.main(["--quick", "--out", str(out)])
     text = out.read_text()
-    for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill", "## Object pooling", "## Decode",
+    for heading in ("# Bench results", "## Machine", "## Goals", "## Prefill at full vision size vs transformers LLaVA, float32",
+                    "## Prefill at full vision size vs transformers LLaVA, bfloat16", "## Object pooling", "## Decode",
+                    "## Decode vs transformers LLaVA generate, bfloat16",
                     "## Prefill scaling", "## Memory", "## Serving", "## Second turn",
                     "## Serving: inter-token gap", "## Decode attention", "## Serving: our server vs vLLM"):  # fmt: skip
         assert heading in text
