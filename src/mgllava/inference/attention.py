@@ -8,8 +8,8 @@
 Why: transformers' sdpa function already packs a decode step's queries this way when it is given a mask
 (`pack_gqa`), but with no mask (one row, or rows of equal length: every batch-1 step) it passes `enable_gqa`
 to torch instead, and torch's CPU flash kernel then runs one query per head and reads each K/V head once per
-query head. In bf16 that is 2.5-10x slower per layer at decode shapes (bench/bench_decode_attention.py, AMD
-EPYC with avx512_bf16: 2.5-5.5x with 2 query heads per K/V head, 5.6-10x with Llama-3-8B's 4), and it made
+query head. In bf16 that is 2.5-13x slower per layer at decode shapes (bench/bench_decode_attention.py, AMD
+EPYC with avx512_bf16, two runs: 2.5-7.2x with 2 query heads per K/V head, 5.6-12.6x with Llama-3-8B's 4), and it made
 a bf16 decode step slower than an fp32 one. Here every bf16 decode step on the CPU takes the packed form,
 mask or not. (fp32 gains 1.05-1.6x from the same change; it is left on transformers' call so that the fp32
 equalities with `generate` keep holding bit for bit. With as many K/V heads as query heads, as Vicuna-7B's,
