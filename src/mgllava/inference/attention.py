@@ -32,12 +32,8 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 GROUPED_DTYPES = (torch.bfloat16,)
-UNSUPPORTED = (
-    "softcap",
-    "s_aux",
-    "sinks",
-    "position_bias",
-)  # keyword arguments of attention variants this does not compute
+# keyword arguments of attention variants this does not compute
+UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
 
 
 def takes_grouped_path(

@@ -144,9 +144,8 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         if scheduling == "continuous":
             _check_continuous(model.generation_config)
-        install_packed(
-            model.language_model
-        )  # mixed steps; bf16 decode attention on the CPU (both schedulers)
+        # both schedulers: mixed steps (continuous) and bf16 decode attention on the CPU (inference/attention.py)
+        install_packed(model.language_model)
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
         self.prefixes = PrefixCache(prefix_cache_bytes, prefix_min_tokens) if use_prefixes else None
         self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN * self.context_length

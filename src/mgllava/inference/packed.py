@@ -16,7 +16,8 @@ Attention never mixes rows, so a NaN or a bad token in one row stays in that row
 
 transformers hook: `install` registers `mgllava_packed_<impl>` with transformers' `AttentionInterface` (and
 `<impl>`'s mask function under the same name) and sets it on the LLM. A call without a `packed` argument (a
-plain forward, `generate`, the static engine) goes to `<impl>` unchanged; a mixed step passes `packed=`
+plain forward, `generate`, the static engine) goes to `<impl>` unchanged (for sdpa: `attention.decode_aware_sdpa`,
+which is transformers' sdpa function but for bf16 decode steps on the CPU); a mixed step passes `packed=`
 its `PackedCache` through the model's keyword arguments, which reach every attention call and cache update.
 Each part of a mixed step's attention is computed by transformers' sdpa function with a 4-D boolean mask (bf16
 decode rows on the CPU: `attention.grouped_decode_attention`, the same kernel call), so with sdpa (the
