@@ -35,6 +35,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -104,18 +105,30 @@ def ask(http: httpx.Client, base: str, request: dict) -> dict:
     return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens, "text": "".join(pieces)}
 
 
-def load(base: str, clients: int, requests: int, offset: int) -> tuple[dict[int, dict], float]:
-    """`clients` threads each send `requests` requests in turn: {seed: record}, wall seconds."""
+def closed_loop(
+    clients: int,
+    requests: int,
+    send: Callable[[httpx.Client, int], dict],
+    offset: int = 0,
+    timeout: float = 600,
+) -> tuple[dict[int, dict], float]:
+    """`clients` threads each send `requests` requests in turn (seeds offset + c * requests + r), each through
+    `send(http, seed)`: {seed: its record}, wall seconds."""
     seeds = [[offset + c * requests + r for r in range(requests)] for c in range(clients)]
 
     def client(mine: list[int]) -> list[tuple[int, dict]]:
-        with httpx.Client(timeout=600) as http:
-            return [(seed, ask(http, base, body(seed))) for seed in mine]
+        with httpx.Client(timeout=timeout) as http:
+            return [(seed, send(http, seed)) for seed in mine]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         done = dict(item for items in pool.map(client, seeds) for item in items)
     return done, time.perf_counter() - start
+
+
+def load(base: str, clients: int, requests: int, offset: int) -> tuple[dict[int, dict], float]:
+    """`clients` threads each send `requests` streamed requests in turn: {seed: record}, wall seconds."""
+    return closed_loop(clients, requests, lambda http, seed: ask(http, base, body(seed)), offset)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -33,8 +33,6 @@ Without .venv-vllm it records that it was skipped and why (`make bench` runs it 
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import random
 import socket
@@ -42,15 +40,13 @@ import statistics
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
-from PIL import Image
 
-from bench_serve import HIGH, LENGTHS, TEXT, VISION
+from bench_serve import HIGH, LENGTHS, TEXT, VISION, closed_loop, image_url, percentile
 from common import Goal, Record, arguments, measure_machine
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
 from mgllava.convert.folder import configure_generation, write_folder
@@ -98,14 +94,6 @@ def build_folder(model_kind: str, out: Path) -> Path:
     )
     configure_generation(model, processor)
     return write_folder(model, processor, out)
-
-
-def image_url(seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 255, (96, 128, 3), generator=g, dtype=torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def body(seed: int, model: str, server: str, boxes: bool) -> dict:
@@ -171,28 +159,15 @@ class Server:
 
 def load(base: str, server: str, case: Case, model: str, clients: int, requests: int) -> tuple[dict, float]:
     """`clients` threads each send `requests` requests in turn: {seed: {latency, text}}, wall seconds."""
-    seeds = [[c * requests + r for r in range(requests)] for c in range(clients)]
 
-    def client(mine: list[int]) -> list[tuple[int, dict]]:
-        out = []
-        with httpx.Client(timeout=1800) as http:
-            for seed in mine:
-                start = time.perf_counter()
-                reply = http.post(f"{base}/v1/chat/completions", json=body(seed, model, server, case.boxes))
-                reply.raise_for_status()
-                text = reply.json()["choices"][0]["message"]["content"].strip()
-                out.append((seed, {"latency": time.perf_counter() - start, "text": text}))
-        return out
+    def send(http: httpx.Client, seed: int) -> dict:
+        start = time.perf_counter()
+        reply = http.post(f"{base}/v1/chat/completions", json=body(seed, model, server, case.boxes))
+        reply.raise_for_status()
+        text = reply.json()["choices"][0]["message"]["content"].strip()
+        return {"latency": time.perf_counter() - start, "text": text}
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        done = dict(item for items in pool.map(client, seeds) for item in items)
-    return done, time.perf_counter() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return closed_loop(clients, requests, send, timeout=1800)
 
 
 def run(server: str, case: Case, folder: Path, levels: list[int], requests: int, work: Path) -> dict:
