@@ -100,12 +100,17 @@ def test_one_bf16_training_step_on_one_gpu(tmp_path):
 
 
 @pytest.mark.skipif(GPUS < 2, reason="NCCL training needs 2+ GPUs (one rank per GPU)")
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp", "fsdp-offload"])
 def test_one_nccl_training_step_on_every_gpu(tmp_path, parallel):
+    """FSDP2, DDP, and FSDP2 with its shards and AdamW in host memory (`cpu_offload`: the grad-norm
+    reduction then runs over CPU tensors, through the group's gloo half)."""
     data = synth.write_dataset(tmp_path / "d", n=8 * GPUS, text_only=2 * GPUS)
+    settings = (
+        ["parallel=fsdp", "cpu_offload=true"] if parallel == "fsdp-offload" else [f"parallel={parallel}"]
+    )
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(GPUS), "--master_port",
                str(free_port()), "-m", "mgllava.cli", *train_args(data, tmp_path / parallel, GPUS,
-                                                                   f"parallel={parallel}")]  # fmt: skip
+                                                                   *settings)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -146,10 +151,11 @@ def test_the_memory_plan_is_within_20_percent_of_a_measured_step():
                                                       "stage.per_device_batch_size=2"])  # fmt: skip
     predicted = plan(config, 1, torch.cuda.get_device_properties(0).total_memory / 1e9, "7b-width-2-layers")
     from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration
-    from mgllava.train.stages import apply_stage
+    from mgllava.train.stages import apply_stage, store_frozen_towers
 
     model = MGLlavaForConditionalGeneration(MGLlavaConfig.from_preset("mgllava-vicuna-7b", text_config=text))
     apply_stage(model, config.stage)
+    store_frozen_towers(model, config.precision)  # as the trainer (and the plan) keep them: bf16
     model.language_model.activation_checkpointing_enable({"use_reentrant": False})
     model.to("cuda").train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

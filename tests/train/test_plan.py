@@ -46,3 +46,29 @@ def test_a_chunked_loss_plans_one_chunk_of_logits():
     vocab = 2048  # the tiny preset's; fp32 tiny configs: 4 + 8 bytes per logit
     saved = (tokens - 100) * vocab * 12  # bytes
     assert plain.activations_full - chunked.activations_full == pytest.approx(saved, rel=1e-6)
+
+
+def test_cpu_offload_moves_the_shards_and_optimizer_state_to_the_host():
+    kept = plan(tiny("stage2"), 2, 80, "tiny")
+    offloaded = plan(tiny("stage2", "cpu_offload=true"), 2, 80, "tiny")
+    assert offloaded.gradients == offloaded.optimizer == 0 and kept.offloaded == 0
+    shards = kept.parameters - offloaded.parameters  # the GPU keeps the replicated frozen towers only
+    assert offloaded.parameters > 0 and shards > 0
+    assert offloaded.offloaded == pytest.approx(shards + kept.gradients + kept.optimizer)
+    assert kept.gather < offloaded.gather < kept.gather * 1.5  # plus the running unit's shard, copied in
+    assert offloaded.peak < kept.peak and "CPU offload" in offloaded.parallel
+
+
+def test_the_34b_stage2_preset_fits_8_gpus_of_80_gb_with_its_cpu_offload(capsys):
+    args = ["train", "--plan", "mgllava-yi1.5-34b-stage2", "model=mgllava-yi1.5-34b", "data.mixture=x.yaml"]
+    assert main([*args, "--world-size", "8", "--gpu-memory", "80"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.endswith("| fits |")
+    assert main([*args, "cpu_offload=false", "--world-size", "8", "--gpu-memory", "80"]) == 1
+
+
+def test_cpu_offload_needs_fsdp_over_several_ranks():
+    with pytest.raises(ValueError, match="cpu_offload needs parallel=fsdp"):
+        tiny("stage2", "cpu_offload=true", "parallel=ddp")
+    with pytest.raises(ValueError, match="2 or more processes"):
+        plan(tiny("stage2", "cpu_offload=true"), 1, 80, "tiny")

@@ -70,7 +70,14 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        return path if (path / "trainer_state.json").is_file() else None
+        if not (
+            path / "trainer_state.json"
+        ).is_file():  # the pointer is written after the rename: deleted since
+            raise FileNotFoundError(
+                f"{pointer} names {path.name}, which is missing or incomplete (no trainer_state.json); point "
+                "it at a complete checkpoint to resume from it, or delete it to start over"
+            )
+        return path
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              state: dict[str, Any]) -> Path:  # fmt: skip

@@ -80,8 +80,18 @@ class TrainConfig:
     dist_timeout_minutes: float = (
         60.0  # collectives and barriers (rank 0 writes the export while others wait)
     )
+    # FSDP2 only: each rank's shards of the parameters, their gradients and AdamW's state live in host memory
+    # and the optimizer steps on the CPU (`CPUOffloadPolicy`, as DeepSpeed's ZeRO-3 offload); the GPU holds the
+    # gathered layers, activations and the frozen towers. For models whose sharded state outgrows the cards
+    # (Yi-1.5-34B's stage 2 on 8 GPUs); slower per step, so off where the state fits (`mgllava train --plan`)
+    cpu_offload: bool = False
 
     def __post_init__(self) -> None:
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ValueError(
+                f"cpu_offload needs parallel=fsdp (it offloads FSDP2's shards); this config has "
+                f"parallel={self.parallel}"
+            )
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1 or null, got {self.loss_chunk_tokens}")
         if self.precision == "fp16":

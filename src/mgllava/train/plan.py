@@ -11,6 +11,9 @@ N. What each rank holds is then read off the parameters:
 - optimizer: AdamW's two fp32 moments per trainable element of the shard;
 - gather buffers (FSDP2): the root unit's parameters unsharded, and two decoder layers' (the running one and
   the prefetched next) in the compute dtype, plus one layer's unsharded fp32 gradients for the reduce-scatter;
+- with `cpu_offload` the sharded parameters, their gradients and the optimizer state are in host memory (the
+  "offloaded" column, per rank) and the GPU holds the replicated parameters, the gather buffers (plus the fp32
+  shards of the running unit and of one layer's reduced gradients, copied in and out) and activations;
 - activations: an estimate from the LLM's shapes at the configured micro-batch and `max_length`, with and
   without gradient checkpointing (below); the towers are frozen and save nothing for backward.
 
@@ -38,7 +41,7 @@ import torch.distributed as dist
 from ..model.configuration import MGLlavaConfig
 from ..model.modeling import MGLlavaForConditionalGeneration
 from .config import TrainConfig
-from .parallel import _decoder_layers, shard
+from .parallel import _decoder_layers, check_offload, shard
 from .stages import apply_stage, store_frozen_towers
 
 GB = 1e9
@@ -59,6 +62,7 @@ class MemoryPlan:
     activations_full: float
     checkpointing: bool
     gpu_memory: float  # bytes of one card
+    offloaded: float = 0.0  # bytes per rank in host memory (cpu_offload), not in the peak
 
     @property
     def activations(self) -> float:
@@ -74,13 +78,14 @@ class MemoryPlan:
 
     def row(self) -> str:
         cells = [self.parameters, self.gradients, self.optimizer, self.gather, self.activations_checkpointed,
-                 self.activations_full, self.peak]  # fmt: skip
+                 self.activations_full, self.peak, self.offloaded]  # fmt: skip
         verdict = "fits" if self.fits else "**does not fit**"
         return f"| {self.config} | " + " | ".join(f"{c / GB:.1f}" for c in cells) + f" | {verdict} |"
 
 
 HEADER = ("| config | parameters GB | gradients GB | optimizer GB | gather buffers GB | activations, checkpointed GB "
-          "| activations, full GB | peak GB | verdict |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+          "| activations, full GB | peak GB | offloaded to host GB | verdict |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
 
 
 def meta_model(config: TrainConfig) -> MGLlavaForConditionalGeneration:
@@ -140,38 +145,55 @@ def activation_bytes(
 
 def plan(config: TrainConfig, world: int, gpu_memory_gb: float, name: str) -> MemoryPlan:
     """Rank 0's memory for `config` on `world` GPUs of `gpu_memory_gb` each (module docstring)."""
+    check_offload(config, world)
     model = meta_model(config)
-    trainable_full = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    compute = 2 if config.precision == "bf16" else 4
-    gather = 0.0
-    if world > 1 and config.parallel == "fsdp":
-        layers = _decoder_layers(model.language_model)
-        layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
-        layer_trainable = max(
-            sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers
-        )
-        in_layers = {id(p) for layer in layers for p in layer.parameters()}
-        towers = {
-            id(p) for t in (model.vision_tower, model.high_res_tower) if t is not None for p in t.parameters()
-        }
-        root = sum(p.numel() for p in model.parameters() if id(p) not in in_layers | towers)
-        with fake_group(world):
-            shard(model, config)
-            parameters = sum(_local(p) * p.element_size() for p in model.parameters())
-            trainable = sum(_local(p) for p in model.parameters() if p.requires_grad)
-        gather = (root + 2 * layer_params) * compute + layer_trainable * 4
-        gradients = trainable * 4
-    else:  # one process, or DDP: a whole copy on every rank; DDP's buckets hold the gradients once more
-        parameters = sum(p.numel() * p.element_size() for p in model.parameters())
-        trainable = trainable_full
-        gradients = trainable * 4 * (2 if world > 1 else 1)
+    sharded = world > 1 and config.parallel == "fsdp"
+    sizes = _fsdp_sizes(model, config, world) if sharded else _whole_sizes(model, world)
+    parallel = config.parallel if world > 1 else "one process"
     return MemoryPlan(
-        config=name, world=world, parallel=config.parallel if world > 1 else "one process",
-        parameters=parameters, gradients=gradients, optimizer=trainable * 8, gather=gather,
+        config=name, world=world, parallel=parallel + (", CPU offload" if config.cpu_offload else ""),
         activations_checkpointed=activation_bytes(config, model, True),
         activations_full=activation_bytes(config, model, False), checkpointing=config.gradient_checkpointing,
-        gpu_memory=gpu_memory_gb * GB,
+        gpu_memory=gpu_memory_gb * GB, **sizes,
     )  # fmt: skip
+
+
+def _whole_sizes(model: torch.nn.Module, world: int) -> dict[str, float]:
+    """One process, or DDP: a whole copy on every rank; DDP's buckets hold the gradients once more."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "gradients": trainable * 4 * (2 if world > 1 else 1),
+        "optimizer": trainable * 8,
+        "gather": 0.0,
+    }
+
+
+def _fsdp_sizes(model: torch.nn.Module, config: TrainConfig, world: int) -> dict[str, float]:
+    """Rank 0's shards after sharding `model` as the trainer does on `world` fake ranks, and the buffers."""
+    compute = 2 if config.precision == "bf16" else 4
+    layers = _decoder_layers(model.language_model)
+    layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    layer_trainable = max(sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    towers = {
+        id(p) for t in (model.vision_tower, model.high_res_tower) if t is not None for p in t.parameters()
+    }
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_layers | towers)
+    with fake_group(world):
+        shard(model, config)
+        params = list(model.parameters())
+        sharded = sum(_local(p) * p.element_size() for p in params if hasattr(p, "to_local"))
+        replicated = sum(p.numel() * p.element_size() for p in params if not hasattr(p, "to_local"))
+        trainable = sum(_local(p) for p in params if p.requires_grad)
+    gather = (root + 2 * layer_params) * compute + layer_trainable * 4
+    if not config.cpu_offload:
+        return {"parameters": sharded + replicated, "gradients": trainable * 4, "optimizer": trainable * 8,
+                "gather": gather}  # fmt: skip
+    # the shards live on the host: the running unit's fp32 shard comes in, one layer's reduced gradients go out
+    gather += (max(root, layer_params) + layer_trainable) * 4 / world
+    return {"parameters": replicated, "gradients": 0.0, "optimizer": 0.0, "gather": gather,
+            "offloaded": sharded + trainable * 12}  # fmt: skip
 
 
 def format_plan(plans: list[MemoryPlan]) -> str:

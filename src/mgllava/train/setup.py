@@ -84,7 +84,7 @@ def build_sharded(
     before sharding (the stage and gradient checkpointing, as the trainer applies them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from .parallel import shard
+    from .parallel import place_unsharded, shard
 
     main = dist.info().is_main
     full = build_model(config)[0] if main else None  # the one-process model, on rank 0 only
@@ -95,7 +95,9 @@ def build_sharded(
         model = MGLlavaForConditionalGeneration(model_config)
     prepare(model)
     shard(model, config)
-    model.to_empty(device=device)
+    model.to_empty(device=torch.device("cpu") if config.cpu_offload else device)
+    if config.cpu_offload:
+        place_unsharded(model, device)
     state = full.state_dict() if full is not None else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)

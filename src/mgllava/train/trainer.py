@@ -37,7 +37,7 @@ from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .export import export
 from .metrics import MetricsLog, step_record
-from .parallel import shard
+from .parallel import check_offload, shard
 from .sampler import StepBatches, make_plan
 from .setup import build_model, build_sharded
 from .stages import apply_stage, store_frozen_towers
@@ -92,6 +92,7 @@ class Trainer:
                 model.language_model.activation_checkpointing_enable({"use_reentrant": False})
 
         sharded = self.info.world_size > 1 and config.parallel == "fsdp"
+        check_offload(config, self.info.world_size)
         if sharded:  # built on meta, sharded, filled from rank 0: no rank holds a second whole copy
             model, self.processor = build_sharded(config, self.device, prepare)
         else:
