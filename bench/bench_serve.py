@@ -58,7 +58,9 @@ LENGTHS = (8, 16, 32, 64, 128)
 MODES = ("static", "continuous")
 WHY_NOT = (
     "at this model size a decode step costs more per row than its FLOPs (many small matmuls, Python per layer), "
-    "so keeping more rows busy gains less than the static engine's idle rows lose; see docs/server.md"
+    "so keeping more rows busy gains less than the static engine's idle rows lose (most continuous steps run "
+    "few rows: the step sizes above); what would close it: a decode step with a lower fixed cost (fewer, larger "
+    "kernels per layer: fused norms and rotary, a compiled step), not built or measured yet; see docs/server.md"
 )
 
 
