@@ -291,3 +291,25 @@ def test_bf16_runs_store_frozen_towers_in_bf16_and_export_fp32(data, tmp_path):
     bf16 = plan(load_config(TrainConfig, "tiny-stage1", [*args, "precision=bf16"]), 1, 80, "t")
     tower_elements = sum(v.numel() for v in towers)
     assert fp32.parameters - bf16.parameters == 2 * tower_elements  # 4 -> 2 bytes each, nothing else
+
+
+def test_a_stage_started_from_a_folder_trains_in_training_mode_with_checkpointing(data, tmp_path):
+    """`from_pretrained` returns a model in eval mode, where transformers skips gradient checkpointing: a stage
+    from a folder must still recompute each decoder layer in the backward (each layer's forward runs twice)."""
+    from mgllava.config import load_config
+    from mgllava.train.trainer import Trainer
+
+    src = synth.source_override(data)
+    assert main(["train", "tiny-stage1", src, f"output_dir={tmp_path}/s1", "max_steps=1"]) == 0
+    config = load_config(TrainConfig, "tiny-stage2", [src, f"output_dir={tmp_path}/s2", f"init_from={tmp_path}/s1/final",
+                                                      "max_steps=1", "gradient_checkpointing=true"])  # fmt: skip
+    trainer = Trainer(config)
+    assert all(module.training for module in trainer.model.modules())
+    layers = trainer.plain_model.language_model.layers
+    calls = []
+    # a submodule's hooks: transformers checkpoints the layer's `forward`, so the layer's own hooks run once
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a: calls.append(m)) for layer in layers]
+    trainer.train_step([next(iter(trainer.loader()))])
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == 2 * len(layers)  # the forward, then the recompute in the backward

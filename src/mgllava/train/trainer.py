@@ -98,6 +98,9 @@ class Trainer:
         else:
             model, self.processor = build_model(config)
             prepare(model)
+        # a folder loads in eval mode (`from_pretrained`), and transformers checkpoints a layer only in training
+        # mode: without this, a stage started from a folder trains with every activation kept
+        model.train()
         self.log(f"stage {config.stage.name}: trainable and frozen parameters\n{tables[0]}")
         skip = skipped_ids(config.data.skip)
         cache = Path(config.data.index_cache or self.out / "data-index")
