@@ -70,9 +70,8 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        if not (
-            path / "trainer_state.json"
-        ).is_file():  # the pointer is written after the rename: deleted since
+        # the pointer is written after the rename, so a checkpoint it names was complete: deleted since
+        if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(
                 f"{pointer} names {path.name}, which is missing or incomplete (no trainer_state.json); point "
                 "it at a complete checkpoint to resume from it, or delete it to start over"
