@@ -23,7 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from common import Record, arguments, interleave, measure_machine, pct
 from flops import PrefillShape, decode_weight_bytes
-from models import bench_config, build_ours, build_peer, describe, prefill_inputs
+from models import SHORT, bench_config, build_ours, build_peer, describe, in_dtype, prefill_inputs
 
 
 class StepClock(LogitsProcessor):
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    short = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
+    short = SHORT[args.dtype]
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     record = Record(f"Decode vs transformers LLaVA generate, {args.dtype}", args.quick)
     machine = measure_machine(args.quick)
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in (ours, peer):
         model.generation_config.pad_token_id = config.text_config.pad_token_id
     shape = PrefillShape(images=1, boxes_per_image=args.boxes, text_tokens=40)
-    ours_batch, peer_batch = (
-        {k: v.to(dtype) if k.endswith("pixel_values") else v for k, v in b.items()}
-        for b in prefill_inputs(config, shape)
-    )
+    ours_batch, peer_batch = (in_dtype(b, dtype) for b in prefill_inputs(config, shape))
     record.line(f"Model: {describe(config, args.quick)}; {args.dtype}; greedy, {new_tokens} new tokens after one image "
                 f"({args.boxes} boxes for ours) and 40 text tokens; {args.rounds} interleaved rounds after a warm-up.")  # fmt: skip
     record.line()

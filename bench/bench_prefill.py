@@ -22,22 +22,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import Machine, Record, arguments, gflops, interleave, measure_machine, ms, pct
+from common import Machine, Record, arguments, best_seconds, gflops, interleave, measure_machine, ms, pct
 from flops import PrefillShape, llava_flops, mgllava_flops
 from mgllava.model.objects import pool_object_features
 from models import (
+    SHORT,
     PartTimer,
     bench_config,
     build_ours,
     build_peer,
     describe,
+    in_dtype,
     ours_parts,
     peer_parts,
     prefill_inputs,
 )
 
 GOALS = {"float32": (1.05, 0.75), "bfloat16": (1.00, 0.65)}  # (time per FLOP vs the peer, share of the peak)
-SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
 
 
@@ -73,12 +74,8 @@ def attention_rate(config, dtype: torch.dtype, rounds: int = 5) -> float:
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     heads, width = vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads
     q, k, v = (torch.randn(1, heads, tokens, width, dtype=dtype) for _ in range(3))
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(rounds + 1):  # the first is a warm-up
-            start = time.perf_counter()
-            torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            best = min(best, time.perf_counter() - start)
+    with torch.inference_mode():  # best_seconds runs a warm-up first
+        best = best_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), rounds)
     return gflops(4 * heads * tokens * tokens * width, best)
 
 
@@ -240,11 +237,6 @@ def measure(args, machine: Machine, record: Record) -> None:
         rate >= peak_goal,
         rate_note,
     )
-
-
-def in_dtype(batch: dict, dtype: torch.dtype) -> dict:
-    """The batch with its pixels in `dtype` (ids, masks and boxes as they are)."""
-    return {k: v.to(dtype) if k.endswith("pixel_values") else v for k, v in batch.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,6 +116,14 @@ def prefill_inputs(config: MGLlavaConfig, shape: PrefillShape, seed: int = 0) ->
     return ours, peer
 
 
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}  # a dtype's name in tables
+
+
+def in_dtype(batch: dict, dtype: torch.dtype) -> dict:
+    """The batch with its pixels in `dtype` (ids, masks and boxes as they are)."""
+    return {k: v.to(dtype) if k.endswith("pixel_values") else v for k, v in batch.items()}
+
+
 def ours_parts(model: MGLlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
     # the tower: its forward runs CLIP's layers through the feature layer (not `CLIPVisionModel.forward`)
     return {"CLIP": [model.vision_tower], "ConvNeXt": [model.high_res_tower], "fusion": [model.fusion],
