@@ -1,9 +1,9 @@
 """Shared helpers of the bench scripts: this machine, timing, memory, and the record each script writes.
 
 - `measure_machine()`: the CPU (model, cores, bf16 flags in /proc/cpuinfo) and its measured peaks, in the
-  calling process and right before its bench: fp32 and bf16 matmul GFLOP/s (best of square matmuls) and the
-  memory read bandwidth (a matrix-vector product over a matrix at least twice the L3 cache, so that it
-  comes from DRAM).
+  calling process and right before its bench: fp32 and bf16 matmul GFLOP/s (best of square matmuls, torch's
+  and oneDNN's with a packed weight) and the memory read bandwidth (a matrix-vector product over a matrix at
+  least twice the L3 cache, so that it comes from DRAM).
   bf16 hardware is judged from the flags (avx512_bf16, amx_bf16) and from the measured bf16/fp32 ratio.
 - `interleave()`: rounds of ours and the peer in alternating order, best and median of each.
 - `peak_rss_during()`: the peak resident memory a call adds (Linux /proc: VmHWM after a reset).
@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from mgllava.inference.linear import PackedLinear, packing_unavailable
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 GIB = 2**30
@@ -97,9 +100,20 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """Measured GFLOP/s of an n x n matmul in `dtype`, best of `repeats` (the roofline ratios are read against)."""
+    """Measured GFLOP/s of an n x n matmul in `dtype` (the roofline ratios are read against), best of `repeats`
+    and of two kernels: torch's matmul and oneDNN with a packed weight (`inference.linear`, what the engine
+    serves with). On AMD CPUs torch's fp32 matmul (MKL) runs at about half oneDNN's rate, so a peak taken from
+    it alone would flatter every share of it."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_seconds(lambda: a @ b, repeats) / 1e9
+    seconds = best_seconds(lambda: a @ b, repeats)
+    if packing_unavailable() is None:
+        layer = nn.Linear(n, n, bias=False, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(b.t())
+        packed = PackedLinear(layer)
+        with torch.no_grad():
+            seconds = min(seconds, best_seconds(lambda: packed(a), repeats))
+    return 2 * n**3 / seconds / 1e9
 
 
 def read_bandwidth(nbytes: int, repeats: int = 3) -> float:

@@ -37,6 +37,7 @@ SUITE = [
     "decode",
     "decode_bf16",
     "decode_attention",
+    "linear",
     "scaling",
     "memory",
     "serve",

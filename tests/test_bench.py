@@ -193,6 +193,12 @@ def test_decode_attention_quick_compares_transformers_call_with_ours(tmp_path):
     assert all(v["sdpa"] > 0 and v["grouped"] > 0 and v["diff"] < 0.05 for v in values.values())
 
 
+def test_linear_quick_compares_f_linear_with_packed_weights(tmp_path):
+    values = run_quick("bench_linear", tmp_path)["values"]
+    assert {"float32", "bfloat16"} == {key.split()[0] for key in values}
+    assert all(v["F.linear"] > 0 and v["packed"] > 0 and v["diff"] < 0.02 for v in values.values())
+
+
 def test_vllm_serve_bench_without_the_vllm_venv_records_why_it_did_not_run(tmp_path, monkeypatch):
     import bench_vllm_serve
 

@@ -75,7 +75,8 @@ def _engine(args: argparse.Namespace, **options):
 
     dtype = resolve_dtype(args.dtype)
     proposer = boxes_cli.proposer_from_args(args, args.device)
-    return Engine.from_pretrained(args.model, dtype=dtype, device=args.device, proposer=proposer, **options)
+    return Engine.from_pretrained(args.model, dtype=dtype, device=args.device, proposer=proposer,
+                                  pack_linear=args.pack_linear, **options)  # fmt: skip
 
 
 def _settings(args: argparse.Namespace):
@@ -148,6 +149,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--no-pack-linear",
+        dest="pack_linear",
+        action="store_false",
+        help="keep the linear layers' F.linear (default on the CPU: oneDNN-packed weights, docs/server.md)",
+    )
     boxes_cli.add_proposer_options(parser)
 
 

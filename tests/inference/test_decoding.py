@@ -48,7 +48,8 @@ def stopping():
     """Engines over a tiny model whose stop token is likely (its output row is 1.5x that of a token the model
     often picks), so that some answers end at the stop token and others at max_new_tokens."""
     model, processor = tiny_parts()
-    static = Engine(model, processor, ShapesProposer(), scheduling="static")
+    # unpacked: the head is edited below, and the engines built after it pack the edited weights
+    static = Engine(model, processor, ShapesProposer(), scheduling="static", pack_linear=False)
     common = static.chat(ask("Is there a circle?"), settings=greedy(8)).token_ids[2]
     with torch.no_grad():
         head = model.get_output_embeddings().weight

@@ -35,6 +35,7 @@ are averaged in float32 and then cast (the reference casts before the 56x56 mean
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -145,7 +146,9 @@ TOWER_BLOCKS = ("CLIPVisionEmbeddings", "CLIPEncoderLayer", "ConvNextEmbeddings"
 
 
 def _param_of(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())
+    """A tensor with the module's dtype and device: a parameter, else a buffer (an inference engine's packed
+    linear layer keeps its weight outside the parameters: `inference.linear`)."""
+    return next(itertools.chain(module.parameters(), module.buffers()))
 
 
 def _zeros(module: nn.Module, *shape: int) -> torch.Tensor:
