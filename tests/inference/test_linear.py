@@ -68,7 +68,7 @@ def test_packed_model_gives_the_same_logits(dtype):
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         want = model(**inputs).logits.float()
-        pack_linears(model)
+        assert pack_linears(model, (dtype,)) > 0
         got = model(**inputs).logits.float()
     scale = want.abs().max()
     assert float((got - want).abs().max() / scale) < (1e-5 if dtype == torch.float32 else 3e-2)
@@ -89,6 +89,10 @@ def test_what_is_left_alone():
     )
     assert pack_linears(model) == 1
     assert [type(m).__name__ for m in model] == ["Linear", "Adapter", "Linear", "Linear", "PackedLinear"]
+    bf16 = nn.Sequential(nn.Linear(8, 8, dtype=torch.bfloat16))
+    assert pack_linears(bf16, (torch.float32,)) == 0 and pack_linears(bf16) == 1
+    with pytest.raises(ValueError, match="float16"):
+        pack_linears(bf16, (torch.float16,))
 
 
 def test_an_unusable_torch_packs_nothing_and_says_why(monkeypatch, caplog):

@@ -93,7 +93,7 @@ def packing_unavailable() -> str | None:
     return None
 
 
-def _packable(module: nn.Module) -> bool:
+def _packable(module: nn.Module, dtypes: tuple[torch.dtype, ...]) -> bool:
     weight = getattr(module, "weight", None)
     return (
         type(module) is nn.Linear
@@ -101,7 +101,7 @@ def _packable(module: nn.Module) -> bool:
         and not module._forward_pre_hooks
         and weight is not None
         and weight.device.type == "cpu"
-        and weight.dtype in DTYPES
+        and weight.dtype in dtypes
         and (module.bias is None or module.bias.dtype == weight.dtype)
     )
 
@@ -121,10 +121,12 @@ def _probe(linear: nn.Linear) -> str | None:
     return None if error <= limit else f"the packed call differs from F.linear by {error:.2e} (> {limit:g})"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace the plain CPU fp32/bf16 `nn.Linear` modules of `model` by `PackedLinear`, in place; returns
-    how many were packed (0, with the reason logged, when this torch cannot)."""
-    targets = [(name, m) for name, m in model.named_modules() if name and _packable(m)]
+def pack_linears(model: nn.Module, dtypes: tuple[torch.dtype, ...] = DTYPES) -> int:
+    """Replace the plain CPU `nn.Linear` modules of `model` whose weights are in `dtypes` (fp32, bf16) by
+    `PackedLinear`, in place; returns how many were packed (0, with the reason logged, when this torch cannot)."""
+    if not set(dtypes) <= set(DTYPES):
+        raise ValueError(f"pack_linears packs {DTYPES}, got {dtypes}")
+    targets = [(name, m) for name, m in model.named_modules() if name and _packable(m, dtypes)]
     if not targets:
         return 0
     why = packing_unavailable() or _probe(targets[0][1])
