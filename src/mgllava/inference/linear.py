@@ -14,10 +14,14 @@ few rows of a decode step in bf16 as well. vLLM's CPU backend packs its linear l
 What it changes: the weight is no longer a parameter (PackedLinear keeps the bias, and a 0-element buffer
 in the weight's dtype so that `next(module.parameters() or buffers())` still tells dtype and device);
 reading `weight` is refused with an error that says how to get it back (a copy would let in-place edits
-vanish silently). The results are fp32 (or bf16) matmuls summed in
-another order: they differ from `F.linear` by rounding (about 1e-6 relative in fp32), as MKL's own results
-differ between batch sizes. The packed layer is for inference only (no autograd) and on the CPU only;
-`unpack_linears` gives the model its nn.Linear layers back (before training it, saving it or moving it).
+vanish silently). The results are fp32 (or bf16) matmuls summed in another order: they differ from
+`F.linear` by rounding (about 1e-6 relative in fp32), as MKL's own results differ between batch sizes. The
+packed layer is for inference only (no autograd) and on the CPU only; `unpack_linears` gives the model its
+nn.Linear layers back (before training it, saving it or moving it).
+
+Threads: in a model thread (the serving batcher's), the speed holds only if no other thread of the process
+ever ran a parallel region with more than one OpenMP thread; otherwise small calls run about 2x slower
+(docs/server.md, "Threads"; `mgllava serve` sets every other thread to one before it loads the model).
 
 `pack_linears` packs only plain `nn.Linear` modules (not subclasses: quantised or adapter layers keep
 their own forward) with fp32 or bf16 weights on the CPU, and only when this torch has the oneDNN ops and the
