@@ -15,7 +15,10 @@ process's cores); preparation with a full OpenMP team of its own (`prepare_threa
 thread got before issue 25), so the ratio of the two shows what the thread roles buy; and, to find what the
 remaining growth is, the same preparation in another process (same code, one OpenMP thread: no GIL shared
 with the model thread), with the model thread on all the cores and on all but one (a core left for
-preparation).
+preparation). The full-team way runs last: its preparation thread's OpenMP team outlives it. As in
+`mgllava serve`, the main thread keeps one OpenMP thread and the machine's peaks are measured in a child
+process: a team the main thread ever started would slow the model thread's small oneDNN calls about 2x and
+leave it a core idle (docs/server.md, "Threads"), which flattered every ratio here before 2026-12-07 22:55.
 
     .venv/bin/python bench/bench_gap.py [--tokens 128] [--repeats 2] [--pause 0.1]
 
@@ -44,7 +47,7 @@ from common import Record, measure_machine
 from mgllava.inference import Engine, GenerationSettings
 from mgllava.serve import ServerSettings, create_app
 from mgllava.serve.background import serve_in_thread
-from mgllava.utils.threads import available_cores
+from mgllava.utils.threads import available_cores, set_threads
 
 
 def photo_url(seed: int, size: tuple[int, int] = (1024, 768)) -> str:
@@ -189,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.repeats = 16, 1
     record = Record("Serving: inter-token gap while an image is prepared", args.quick)
-    record.machine(measure_machine(args.quick))
+    set_threads(
+        1
+    )  # as `mgllava serve`: only the model thread starts an OpenMP team (docs/server.md, "Threads")
+    record.machine(measure_machine(args.quick, child=True))
     model, processor = build_model()
     engine = Engine(model, processor)
     cores = available_cores()
@@ -202,11 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     say(head)
     model_threads = args.threads or cores
     runs = {"default": (1, model_threads, "thread", "prepare_threads=1 (default)"),
-            "full team": (cores, model_threads, "thread", f"prepare_threads={cores} (before)"),
             "process": (1, model_threads, "process", "in another process")}  # fmt: skip
     if model_threads > 1:
         runs["process, a core left"] = (1, model_threads - 1, "process",
                                         f"another process, model {model_threads - 1} thread(s)")  # fmt: skip
+    # last: its preparation thread's OpenMP team outlives the run and would slow the runs after it
+    runs["full team"] = (cores, model_threads, "thread", f"prepare_threads={cores} (before)")
     results = {}
     for key, (prepare, threads, mode, label) in runs.items():
         r = measure(engine, prepare, args.tokens, args.repeats, args.pause, threads, mode)

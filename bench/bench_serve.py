@@ -16,7 +16,11 @@ so that drift in the machine's load hits both alike. Prints requests/s, generate
 latency and p50/p95 time to first token per mode, the continuous/static ratios, whether the two modes gave
 the same (greedy) answers, the load average during each level, and the goal at 16 clients (at least 2x the
 requests/s at a lower p95) with by how much it was met or missed.
-Clients run in this process (threads) and share the CPU with the server, as a sidecar would.
+Clients run in this process (threads) and share the CPU with the server, as a sidecar would. As in
+`mgllava serve`, the main thread keeps one OpenMP thread and the machine's peaks are measured in a child
+process (docs/server.md, "Threads"); the two servers' model threads (`--threads` each, default the cores)
+both keep an OpenMP team, so each runs beside the other's idle team, which slows small oneDNN calls: the
+ratio compares like with like, the absolute rates understate one `mgllava serve`.
 
     .venv/bin/python bench/bench_serve.py [--quick] [--clients 1,4,16,64] [--requests 4] [--batch 64] [--threads 1]
         [--max-step-tokens 512]
@@ -47,6 +51,7 @@ from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProce
 from mgllava.inference import Engine
 from mgllava.serve import ServerSettings, create_app
 from mgllava.serve.background import serve_in_thread
+from mgllava.utils.threads import available_cores, set_threads
 
 VISION = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
               num_attention_heads=4, patch_size=14, image_size=112)  # fmt: skip
@@ -152,9 +157,9 @@ def summary(runs: list[tuple[dict[int, dict], float]]) -> dict[str, float]:
     }
 
 
-def make_app(engine: Engine, batch: int):
+def make_app(engine: Engine, batch: int, threads: int | None = None):
     settings = ServerSettings(model_name="bench", max_batch_size=batch, batch_window_s=0.01, max_in_flight=256,
-                              max_queue=256, max_tokens=max(LENGTHS))  # fmt: skip
+                              max_queue=256, max_tokens=max(LENGTHS), threads=threads)  # fmt: skip
     return create_app(engine, settings)
 
 
@@ -236,16 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-step-tokens", type=int, default=None, help="the continuous engine's step budget"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="the model threads' threads (default: cores)"
+    )
     parser.add_argument("--record", help="write the results as JSON here (bench/run.py collects them)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(
+        1
+    )  # as `mgllava serve`: only the model threads start OpenMP teams (docs/server.md, "Threads")
     clients = args.clients or ("1,4,16" if args.quick else "1,4,16,64")
     args.requests = args.requests or (2 if args.quick else 4)
     clients_list = [int(c) for c in clients.split(",")]
     record = Record("Serving: continuous vs static batching", args.quick)
-    record.machine(measure_machine(args.quick))
+    record.machine(measure_machine(args.quick, child=True))
     model, processor = build_model()
     budget = {"max_step_tokens": args.max_step_tokens} if args.max_step_tokens else {}
     engines = {"static": Engine(model, processor, scheduling="static"),
@@ -253,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     lines = [f"server bench: {n_params / 1e6:.1f}M-parameter MG-LLaVA (64 image tokens, 27M-parameter LLM), "
              f"max_tokens from {LENGTHS}, {args.requests} requests per client, max_batch_size {args.batch}, "
-             f"float32, {torch.get_num_threads()} threads on {os.cpu_count()} cores"]  # fmt: skip
+             f"float32, model threads with {args.threads or available_cores()} threads on {os.cpu_count()} cores"]  # fmt: skip
     print(lines[0], flush=True)
     goal = report(run(engines, clients_list, args.requests, args.batch), clients_list, say=_collect(lines))
     record.lines += ["```", *lines, "```", ""]

@@ -20,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -167,8 +169,17 @@ class Machine:
         )
 
 
-def measure_machine(quick: bool = False) -> Machine:
-    """This machine, its peaks measured now (2048 matmuls and 1 GiB or 2x L3 read; smaller if quick)."""
+def measure_machine(quick: bool = False, child: bool = False) -> Machine:
+    """This machine, its peaks measured now (2048 matmuls and 1 GiB or 2x L3 read; smaller if quick).
+    `child`: measured in a child process, so that this process's main thread starts no OpenMP team (the
+    serving benches: a team the main thread ever started slows a model thread's small oneDNN calls about 2x,
+    docs/server.md, "Threads")."""
+    if child:
+        code = ("import dataclasses, json; from common import measure_machine; "
+                f"print(json.dumps(dataclasses.asdict(measure_machine({quick!r}))))")  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        return Machine(**json.loads(done.stdout.strip().splitlines()[-1]))
     info = cpu_info()
     l3 = l3_bytes()
     n, repeats = (512, 3) if quick else (2048, 5)
