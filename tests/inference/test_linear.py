@@ -41,6 +41,7 @@ def test_packed_equals_f_linear_on_every_input_shape(dtype, bias):
 
 def test_packing_keeps_the_module_contract_and_unpacking_restores_the_weights():
     model, _ = tiny_parts()
+    model.model.language_model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a frozen layer
     before = {k: v.clone() for k, v in model.state_dict().items()}
     linears = sum(type(m) is nn.Linear for m in model.modules())
     assert pack_linears(model) == linears > 0
@@ -52,6 +53,8 @@ def test_packing_keeps_the_module_contract_and_unpacking_restores_the_weights():
         head.weight  # noqa: B018 - an in-place edit of a copy would vanish silently
     assert pack_linears(model) == 0  # already packed
     assert unpack_linears(model) == linears
+    assert not model.model.language_model.layers[0].mlp.up_proj.weight.requires_grad  # as it was
+    assert model.model.language_model.layers[0].mlp.down_proj.weight.requires_grad
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -80,15 +83,19 @@ def test_what_is_left_alone():
 
     hooked = nn.Linear(8, 8)
     hooked.register_forward_hook(lambda *_: None)
+    offloaded = nn.Linear(8, 8)
+    offloaded._hf_hook = object()  # accelerate's hooks wrap forward instead of registering
     model = nn.Sequential(
         nn.Linear(8, 8, dtype=torch.float16),
         Adapter(8, 8),
         hooked,
+        offloaded,
         nn.Linear(8, 8, device="meta"),
         nn.Linear(8, 8),
     )
     assert pack_linears(model) == 1
-    assert [type(m).__name__ for m in model] == ["Linear", "Adapter", "Linear", "Linear", "PackedLinear"]
+    names = ["Linear", "Adapter", "Linear", "Linear", "Linear", "PackedLinear"]
+    assert [type(m).__name__ for m in model] == names
     bf16 = nn.Sequential(nn.Linear(8, 8, dtype=torch.bfloat16))
     assert pack_linears(bf16, (torch.float32,)) == 0 and pack_linears(bf16) == 1
     with pytest.raises(ValueError, match="float16"):

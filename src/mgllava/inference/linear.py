@@ -24,7 +24,8 @@ ever ran a parallel region with more than one OpenMP thread; otherwise small cal
 (docs/server.md, "Threads"; `mgllava serve` sets every other thread to one before it loads the model).
 
 `pack_linears` packs only plain `nn.Linear` modules (not subclasses: quantised or adapter layers keep
-their own forward) with fp32 or bf16 weights on the CPU, and only when this torch has the oneDNN ops and the
+their own forward; not layers with hooks, accelerate's offload hooks included) with fp32 or bf16 weights on
+the CPU, and only when this torch has the oneDNN ops and the
 first packed layer agrees with `F.linear` on a probe input; otherwise it packs nothing and says why.
 """
 
@@ -55,6 +56,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = _reorder(linear.weight)  # opaque (mkldnn layout): an attribute, not state
+        self.trainable = linear.weight.requires_grad  # given back by `unpacked`
         self.bias = linear.bias
         self.register_buffer("anchor", torch.empty(0, dtype=linear.weight.dtype), persistent=False)
 
@@ -78,7 +80,7 @@ class PackedLinear(nn.Module):
     def unpacked(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            dtype=self.packed.dtype, device="meta")  # fmt: skip
-        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=self.trainable)
         linear.bias = self.bias
         return linear
 
@@ -103,6 +105,7 @@ def _packable(module: nn.Module, dtypes: tuple[torch.dtype, ...]) -> bool:
         type(module) is nn.Linear
         and not module._forward_hooks
         and not module._forward_pre_hooks
+        and not hasattr(module, "_hf_hook")  # accelerate's offload hook wraps forward to place the weight
         and weight is not None
         and weight.device.type == "cpu"
         and weight.dtype in dtypes
