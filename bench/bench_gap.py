@@ -192,9 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.repeats = 16, 1
     record = Record("Serving: inter-token gap while an image is prepared", args.quick)
-    set_threads(
-        1
-    )  # as `mgllava serve`: only the model thread starts an OpenMP team (docs/server.md, "Threads")
+    # as `mgllava serve`: only the model thread starts an OpenMP team (docs/server.md, "Threads")
+    set_threads(1)
     record.machine(measure_machine(args.quick, child=True))
     model, processor = build_model()
     engine = Engine(model, processor)

@@ -246,9 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--record", help="write the results as JSON here (bench/run.py collects them)")
     args = parser.parse_args(argv)
-    set_threads(
-        1
-    )  # as `mgllava serve`: only the model threads start OpenMP teams (docs/server.md, "Threads")
+    # as `mgllava serve`: only the model threads start OpenMP teams (docs/server.md, "Threads")
+    set_threads(1)
     clients = args.clients or ("1,4,16" if args.quick else "1,4,16,64")
     args.requests = args.requests or (2 if args.quick else 4)
     clients_list = [int(c) for c in clients.split(",")]
