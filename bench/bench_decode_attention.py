@@ -1,13 +1,17 @@
-"""Decode-step attention on the CPU: transformers' sdpa call vs ours (`inference.attention`), bf16 and fp32.
+"""Decode-step attention on the CPU, bf16: transformers' sdpa call, our grouped fallback and our compiled kernel.
 
-One query token per row over a K/V cache, as every decode step computes it per layer: transformers'
-`sdpa_attention_forward` against `grouped_decode_attention` (torch's `scaled_dot_product_attention` with
-each K/V head's group of query heads as one block of queries, mask or not), with a padding mask (where
-transformers packs the queries the same way) and without one (one row, or rows of equal length: where
-transformers passes `enable_gqa` to torch instead), at the head layouts of the bench's serving model (8 query / 4 K/V heads of 64), Llama-3-8B's
-(32/8 of 128) and Vicuna-7B's (32/32 of 128, where there is nothing to group and the engine keeps sdpa),
-1/16/64 rows and 100-2000 keys. Times per call (best of interleaved rounds) and the largest difference
-between the two outputs. The engine takes ours only for bf16 decode steps with grouped heads on the CPU.
+One query token per row over K/V held as the batch cache holds them (`kv.SlotLayer`: views of storage with
+spare rows and columns), as every decode step computes it per layer, at the head layouts of the bench's
+serving model (8 query / 4 K/V heads of 64), Llama-3-8B's (32/8 of 128) and Vicuna-7B's (32/32 of 128),
+1-64 rows and 100-2000 keys, with a padding mask and without one:
+- transformers: `sdpa_attention_forward` (torch's flash kernel; `enable_gqa` without a mask), what a model
+  outside the engine runs;
+- grouped: `grouped_decode_attention` (the flash kernel over each K/V head's block of queries), the fallback;
+- kernel: `kernel_decode_attention` (compiled; float32 scores, softmax and sums; reads the views in place);
+- engine: whichever of the last two `kernel_pays` picks, and its speed-up over transformers';
+- fp32: transformers' call on the same K/V in fp32 (what an fp32 model's decode step costs), to read bf16
+  against.
+Times per call (best of interleaved rounds), and each bf16 output's largest difference from the fp32 one.
 
     .venv/bin/python bench/bench_decode_attention.py [--quick] [--rounds 20] [--record out.json]
 """
@@ -20,59 +24,83 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from common import Record, arguments, interleave, measure_machine
-from mgllava.inference.attention import grouped_decode_attention
+from mgllava.inference.attention import (
+    KERNEL_FLAG,
+    grouped_decode_attention,
+    kernel_decode_attention,
+    kernel_pays,
+)
 
 LAYOUTS = {"serving bench (8/4 x 64)": (8, 4, 64), "Llama-3-8B (32/8 x 128)": (32, 8, 128),
            "Vicuna-7B (32/32 x 128)": (32, 32, 128)}  # fmt: skip
-SHAPES = [(1, 100), (1, 2000), (16, 100), (16, 1000), (64, 100), (64, 400)]
+SHAPES = [(1, 100), (1, 2000), (4, 500), (16, 100), (16, 1000), (64, 100), (64, 400)]
 
 
 class Layer(torch.nn.Module):
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, head_dim: int) -> None:
         super().__init__()
-        self.num_key_value_groups = groups
+        self.num_key_value_groups, self.head_dim = groups, head_dim
+        setattr(self, KERNEL_FLAG, True)
         self.eval()
 
 
-def measure(
-    layout: tuple[int, int, int], rows: int, keys: int, dtype: torch.dtype, rounds: int, masked: bool
-) -> dict:
+def cache_views(rows: int, kv_heads: int, keys: int, head_dim: int, g: torch.Generator) -> list[torch.Tensor]:
+    """K and V (rows, kv_heads, keys, head_dim) bf16 as views of storage with spare rows and columns."""
+    spare = max(64, keys // 4)
+    return [torch.randn(rows + rows // 2, kv_heads, keys + spare, head_dim, generator=g).bfloat16()[:rows, :, 8 : 8 + keys]
+            for _ in range(2)]  # fmt: skip
+
+
+def measure(layout: tuple[int, int, int], rows: int, keys: int, rounds: int, masked: bool) -> dict:
     heads, kv_heads, head_dim = layout
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(rows, heads, 1, head_dim, generator=g).to(dtype)
-    k, v = (torch.randn(rows, kv_heads, keys, head_dim, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(rows, heads, 1, head_dim, generator=g).bfloat16()
+    k, v = cache_views(rows, kv_heads, keys, head_dim, g)
     mask = None
     if masked:
         mask = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
         mask[0, ..., : keys // 4] = False  # one left-padded row
-    layer = Layer(heads // kv_heads)
-    calls = {"sdpa": lambda: sdpa_attention_forward(layer, q, k, v, mask)[0],
-             "grouped": lambda: grouped_decode_attention(layer, q, k, v, mask)[0]}  # fmt: skip
+    layer = Layer(heads // kv_heads, head_dim)
+    fp32 = [t.float() for t in (q, k, v)]
+    calls = {"transformers": lambda: sdpa_attention_forward(layer, q, k, v, mask)[0],
+             "grouped": lambda: grouped_decode_attention(layer, q, k, v, mask)[0],
+             "kernel": lambda: kernel_decode_attention(layer, q, k, v, mask)[0],
+             "fp32": lambda: sdpa_attention_forward(layer, *fp32, mask)[0]}  # fmt: skip
     with torch.inference_mode():
+        calls["kernel"]()  # compiled before it is timed
         times = interleave(calls, rounds)
-        diff = (calls["sdpa"]().float() - calls["grouped"]().float()).abs().max().item()
-    return {"sdpa": times["sdpa"].best, "grouped": times["grouped"].best, "diff": diff}
+        reference = calls["fp32"]()
+        diffs = {
+            name: (calls[name]().float() - reference).abs().max().item() for name in ("grouped", "kernel")
+        }
+    out = {name: t.best for name, t in times.items()}
+    out["engine"] = "kernel" if kernel_pays(rows, heads // kv_heads, k.numel()) else "grouped"
+    return out | {f"{name} diff": d for name, d in diffs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
-    record = Record("Decode attention on the CPU: sdpa vs grouped query blocks", args.quick)
+    record = Record(
+        "Decode attention on the CPU, bf16: transformers, grouped fallback, compiled kernel", args.quick
+    )
     record.machine(measure_machine(args.quick))
     layouts = dict(list(LAYOUTS.items())[:1]) if args.quick else LAYOUTS
     shapes = SHAPES[:2] if args.quick else SHAPES
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for name, layout in layouts.items():
-            for (batch, keys), masked in itertools.product(shapes, (False, True)):
-                if batch == 1 and masked:
-                    continue  # one row needs no padding mask
-                r = measure(layout, batch, keys, dtype, 3 if args.quick else args.rounds, masked)
-                record.values[f"{str(dtype)[6:]} {name} {batch}x{keys} {'mask' if masked else 'no mask'}"] = r
-                rows.append([str(dtype)[6:], name, batch, keys, "yes" if masked else "no", f"{r['sdpa'] * 1e3:.3f}",
-                             f"{r['grouped'] * 1e3:.3f}", f"{r['sdpa'] / r['grouped']:.2f}x", f"{r['diff']:.1e}"])  # fmt: skip
-    record.table(["dtype", "heads", "rows", "keys", "mask", "transformers ms", "grouped ms", "ratio", "max difference"],
+    for name, layout in layouts.items():
+        for (batch, keys), masked in itertools.product(shapes, (False, True)):
+            if batch == 1 and masked:
+                continue  # one row needs no padding mask
+            r = measure(layout, batch, keys, 3 if args.quick else args.rounds, masked)
+            record.values[f"{name} {batch}x{keys} {'mask' if masked else 'no mask'}"] = r
+            ms = {key: f"{r[key] * 1e3:.3f}" for key in ("transformers", "grouped", "kernel", "fp32")}
+            rows.append([name, batch, keys, "yes" if masked else "no", ms["transformers"], ms["grouped"], ms["kernel"],
+                         r["engine"], f"{r['transformers'] / r[r['engine']]:.2f}x", ms["fp32"],
+                         f"{r['fp32'] / r[r['engine']]:.2f}x", f"{r['grouped diff']:.1e}", f"{r['kernel diff']:.1e}"])  # fmt: skip
+    record.table(["heads", "rows", "keys", "mask", "transformers ms", "grouped ms", "kernel ms", "engine takes",
+                  "engine vs transformers", "fp32 ms", "engine vs fp32", "grouped max diff", "kernel max diff"],
                  rows)  # fmt: skip
     record.finish(args.record)
 

@@ -60,10 +60,10 @@ def test_chat_prompt_answers_once(folder, engine, capsys):
     assert out[0] == "image 1 (96x64, boxes from none): tags none"
     assert main([*args[:-4], "--image", str(folder / "notes.txt"), "--prompt", "?"]) == 2
     assert "not a readable image" in capsys.readouterr().err
-    # --no-pack-linear reaches the engine (F.linear answers as the packed layers do)
+    # --no-pack-linear and --no-decode-kernel reach the engine (F.linear answers as the packed layers do)
     with mock.patch.object(Engine, "__init__", autospec=True, side_effect=Engine.__init__) as init:
-        assert main([*args, "--prompt", "What shape?", "--no-pack-linear"]) == 0
-    assert init.call_args.kwargs["pack_linear"] is False
+        assert main([*args, "--prompt", "What shape?", "--no-pack-linear", "--no-decode-kernel"]) == 0
+    assert init.call_args.kwargs["pack_linear"] is False and init.call_args.kwargs["decode_kernel"] is False
     assert capsys.readouterr().out == expected(engine, folder, [("What shape?", None, 1)], ["one.png"]) + "\n"
 
 

@@ -76,7 +76,7 @@ def _engine(args: argparse.Namespace, **options):
     dtype = resolve_dtype(args.dtype)
     proposer = boxes_cli.proposer_from_args(args, args.device)
     return Engine.from_pretrained(args.model, dtype=dtype, device=args.device, proposer=proposer,
-                                  pack_linear=args.pack_linear, **options)  # fmt: skip
+                                  pack_linear=args.pack_linear, decode_kernel=args.decode_kernel, **options)  # fmt: skip
 
 
 def _settings(args: argparse.Namespace):
@@ -156,6 +156,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         dest="pack_linear",
         action="store_false",
         help="keep the linear layers' F.linear (default on the CPU: oneDNN-packed weights, docs/server.md)",
+    )
+    parser.add_argument(
+        "--no-decode-kernel",
+        dest="decode_kernel",
+        action="store_false",
+        help="bf16 on the CPU: decode attention by torch's flash kernel, not the compiled one (docs/server.md)",
     )
     boxes_cli.add_proposer_options(parser)
 

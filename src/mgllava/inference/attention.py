@@ -1,53 +1,176 @@
-"""Decode-step attention for bf16 on the CPU with grouped-query heads: sdpa over each K/V head's queries.
+"""Decode-step attention for bf16 on the CPU: a compiled kernel that reads the cache in place where it pays,
+else torch's flash kernel over grouped query blocks.
 
-    query (B, heads, 1, head_dim), key/value (B, kv_heads, L, head_dim), mask (B, 1, 1, L) bool, additive or None
+    query (B, heads, 1, head_dim), key/value (B, kv_heads, L, head_dim) (the batch cache's strided views or
+    contiguous tensors), mask (B, 1, 1, L) bool or None
     -> query as (B, kv_heads, group, head_dim), group = heads / kv_heads: one block of `group` queries per K/V head
-    -> torch's scaled_dot_product_attention, not causal (every query of a block is the same position)
+    kernel (`DecodeKernel`, on layers an engine enabled, where `kernel_pays`): scores = sum over head_dim of
+        query x key in float32, x scaling, -inf where the mask is False, float32 softmax, sum over L of
+        probabilities x value in float32; written in plain torch and compiled by `torch.compile` (inductor's
+        C++), which fuses it into loops that read the bf16 K/V where they lie
+    fallback (`grouped_decode_attention`): torch's `scaled_dot_product_attention` over the grouped blocks
     -> (B, 1, heads, head_dim), as transformers' attention functions return
 
-Why: transformers' sdpa function already packs a decode step's queries this way when it is given a mask
-(`pack_gqa`), but with no mask (one row, or rows of equal length: every batch-1 step) it passes `enable_gqa`
-to torch instead, and torch's CPU flash kernel then runs one query per head and reads each K/V head once per
-query head. In bf16 that is 2.5-13x slower per layer at decode shapes (bench/bench_decode_attention.py, AMD
-EPYC with avx512_bf16, two runs: 2.5-7.2x with 2 query heads per K/V head, 5.6-12.6x with Llama-3-8B's 4), and it made
-a bf16 decode step slower than an fp32 one. Here every bf16 decode step on the CPU takes the packed form,
-mask or not. (fp32 gains 1.05-1.6x from the same change; it is left on transformers' call so that the fp32
-equalities with `generate` keep holding bit for bit. With as many K/V heads as query heads, as Vicuna-7B's,
-there is nothing to pack: there a bf16 decode step's attention stays about 2x the fp32 one's.)
+Why: torch's CPU flash kernel is slow for bf16 at one query per row, slowest with one query head per K/V head.
+At Vicuna-7B's 32/32 heads of 128 (bench/bench_decode_attention.py, bench/decode-kernel-results.md; AMD EPYC,
+2 cores, avx512_bf16): 54 ms a layer at 16 rows x 1000 keys in bf16, against 23 ms in fp32, so a bf16 decode
+step's attention cost twice an fp32 one's. The kernel takes 14 ms there (3.8x; 2.5-3.9x over 1-64 rows and
+100-2000 keys; 1.2-1.7x faster than fp32, except at one row of 100 keys). With grouped heads the flash kernel's
+blocks of queries hold their own: the kernel gains 1.0-1.24x at the serving bench's 8/4 heads of 64 from 16
+rows, about nothing at Llama-3-8B's 32/8, and loses below 8 rows (its compiled call costs about 25 us more),
+hence `kernel_pays`. Two bf16 matmuls (transformers' eager attention) would be as fast on contiguous K/V, but
+the batch cache's views are strided (`kv.SlotLayer` keeps spare columns), torch's bf16 matmul copies them
+first, and a serving step came out slower than on the flash kernel; they also round the scores to bf16.
+Without a mask, transformers passes `enable_gqa` to torch, whose flash kernel then reads each K/V head once per
+query head (3-9x slower than grouped blocks): the fallback groups the queries, mask or not.
 
-Numerics: the same kernel with the same fp32 scores and softmax; with a mask the call is the one
-transformers makes (bit-identical), without one it differs from the `enable_gqa` call only in blocking
-(tests/inference/test_attention.py: one or two bf16 roundings apart, the same error against fp32). Taken
-only for bf16 decode steps on the CPU with more query heads than K/V heads; fp32, prompts, other devices,
-one query head per K/V head (nothing to group), dropout in training and attention variants this does not
-implement (logit softcapping, sinks, position biases) go to transformers' sdpa function unchanged.
+Numerics: both keep the scores and the softmax in float32; the kernel also the probabilities x V (the flash
+kernel rounds the probabilities to bf16 first). Against an fp32 model its mean error is at most the flash
+kernel's (tests/inference/test_attention.py). A row's output does not depend on the rows beside it. fp32
+stays on transformers' sdpa call, so fp32 answers stay bit-identical to `generate`'s; prompts, other devices
+and dtypes, additive masks (the kernel: the fallback or sdpa), dropout in training and attention variants
+these do not implement (logit softcapping, sinks, position biases) go to transformers' sdpa function unchanged.
+
+Compiling: `enable_decode_kernel` (the engine calls it for a bf16 model on the CPU) compiles the graphs a
+server needs before the first request (one row, if it pays, and several; contiguous K/V, strided ones, strided
+from storage offset 0: 2-6 graphs, 10-30 s on 2 cores the first time, about 5 s once inductor's on-disk cache
+holds them) and checks them against the fallback; a torch without inductor or a machine without a C++
+compiler leaves the layers on the fallback, with the reason logged. A call that fails later (a graph that
+fails to compile) turns the kernel off for the process and is answered by the fallback.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-GROUPED_DTYPES = (torch.bfloat16,)
+logger = logging.getLogger(__name__)
+
+DECODE_DTYPES = (torch.bfloat16,)
+KERNEL_MIN_ROWS = 8  # with grouped query heads, the kernel from this many rows (`kernel_pays`)
+KERNEL_MIN_KEYS = 1 << 17  # with one query head per K/V head, from this many keys x K/V heads x head dims
+# graphs a process may compile: per model up to 6 (one row or more; contiguous K/V, strided, strided from
+# storage offset 0); past dynamo's default limit (8) a call is retried under this one
+GRAPH_LIMIT = 64
+# set True on an attention layer whose bf16 decode steps take the kernel (`enable_decode_kernel`)
+KERNEL_FLAG = "mgllava_decode_kernel"
 # keyword arguments of attention variants this does not compute
 UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
 
 
-def takes_grouped_path(
+def takes_decode_path(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]
 ) -> bool:
-    """Whether this call is a bf16 decode step on the CPU with K/V heads shared by several query heads."""
+    """Whether this call is a bf16 decode step on the CPU that this module computes (kernel or fallback)."""
     return (
         query.shape[2] == 1
-        and key.shape[1] < query.shape[1]
+        and query.shape[1] % key.shape[1] == 0
         and query.device.type == "cpu"
-        and query.dtype in GROUPED_DTYPES
+        and query.dtype in DECODE_DTYPES
         and not (module.training and kwargs.get("dropout", 0.0))
         and all(kwargs.get(name) is None for name in UNSUPPORTED)
     )
+
+
+def _uncompiled() -> None:
+    """The kernels' forms are only ever run compiled: as written their products are (B, heads, L, d) float32
+    tensors, so where dynamo would run them uncompiled (past its recompile limit) they refuse."""
+    if not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "the decode attention kernel would run uncompiled (past dynamo's recompile limit?)"
+        )
+
+
+def _attend_grouped(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """(B, kv_heads, group, d) over (B, kv_heads, L, d) with a (B, 1, 1, L) bool mask -> (B, kv_heads, group, d);
+    `scale` a 0-d float32 tensor (a float would be compiled in as a constant: one graph per head size)."""
+    _uncompiled()
+    scores = (query.float().unsqueeze(-2) * key.float().unsqueeze(2)).sum(-1) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs.unsqueeze(-1) * value.float().unsqueeze(2)).sum(-2).to(query.dtype)
+
+
+def _attend_single(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """One query head per K/V head: (B, heads, d) over (B, heads, L, d) with a (B, 1, L) bool mask -> (B, heads, d).
+    A function of its own, so its graphs are dynamo's first for their code (graphs compiled after the grouped
+    form's for the same code ran at half the speed)."""
+    _uncompiled()
+    scores = (query.float().unsqueeze(-2) * key.float()).sum(-1) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs.unsqueeze(-1) * value.float()).sum(-2).to(query.dtype)
+
+
+class DecodeKernel:
+    """`_attend_grouped` and `_attend_single` compiled once per process (dynamic shapes: a graph serves every
+    row count above one and every length); `failed` says why it is off, None while it is on."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[bool, Any] = {}
+        self._scales: dict[float, torch.Tensor] = {}
+        self.failed: str | None = None
+
+    def __call__(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """query (B, kv_heads, group, d), key/value (B, kv_heads, L, d), mask (B, 1, 1, L) -> like query."""
+        single = query.shape[2] == 1
+        compiled = self._compiled.get(single)
+        if compiled is None:
+            form = _attend_single if single else _attend_grouped
+            compiled = self._compiled[single] = torch.compile(form, dynamic=True, fullgraph=True)
+        scales = self._scales.get(scale)
+        if scales is None:
+            scales = self._scales[scale] = torch.tensor(scale, dtype=torch.float32)
+        if single:
+            query, mask = query.squeeze(2), mask.squeeze(2)
+        # one grad mode, and detached (not views: no guards on their bases): fewer graphs
+        args = (query.detach(), key.detach(), value.detach(), mask.detach(), scales)
+        with torch.no_grad():
+            try:
+                out = compiled(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # several models in one process: more graphs
+                with torch._dynamo.config.patch(recompile_limit=GRAPH_LIMIT):
+                    out = compiled(*args)
+        return out.unsqueeze(2) if single else out
+
+    def turn_off(self, err: BaseException) -> None:
+        if self.failed is None:
+            self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            logger.warning("bf16 decode attention kernel off, torch's flash kernel instead (%s)", self.failed)
+
+
+KERNEL = DecodeKernel()
+
+
+def kernel_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One query token per row through `KERNEL`: (B, 1, heads, head_dim) and no weights."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    grouped = query.reshape(
+        batch, kv_heads, heads // kv_heads, head_dim
+    ).contiguous()  # one layout: fewer graphs
+    if attention_mask is None:
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=query.device)
+    else:  # as transformers' sdpa function slices it; one layout for every call (fewer graphs)
+        mask = attention_mask[:, :, :, :length].expand(batch, 1, 1, length).contiguous()
+    scale = head_dim**-0.5 if scaling is None else scaling
+    return KERNEL(grouped, key, value, mask, scale).reshape(batch, 1, heads, head_dim), None
 
 
 def grouped_decode_attention(
@@ -59,7 +182,7 @@ def grouped_decode_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """One query token per row: (B, 1, heads, head_dim) and no weights, as transformers' attention functions."""
+    """One query token per row through torch's sdpa over grouped query blocks: (B, 1, heads, head_dim)."""
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # a group's queries as one block
@@ -68,6 +191,26 @@ def grouped_decode_attention(
         mask = mask[:, :, :, : key.shape[2]]  # as transformers' sdpa function slices it
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, is_causal=False, scale=scaling)
     return out.reshape(batch, 1, heads, head_dim), None
+
+
+def kernel_pays(rows: int, group: int, keys: int) -> bool:
+    """Where the kernel beats the flash kernel (bench/bench_decode_attention.py): with one query head per K/V
+    head from `KERNEL_MIN_KEYS` keys (over all rows, K/V heads and head dims; 1.3-11x above it), with grouped
+    heads from `KERNEL_MIN_ROWS` rows (1.1-2.1x at 8-64 rows; with fewer, the flash kernel's blocks of grouped
+    queries and the compiled call's fixed cost, about 25 us, make it lose by up to 1.4x)."""
+    return keys >= KERNEL_MIN_KEYS if group == 1 else rows >= KERNEL_MIN_ROWS
+
+
+def _kernel_takes(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+) -> bool:
+    shaped = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1))
+    return (
+        getattr(module, KERNEL_FLAG, False)
+        and KERNEL.failed is None
+        and shaped
+        and kernel_pays(query.shape[0], query.shape[1] // key.shape[1], key.numel())
+    )
 
 
 def decode_aware_sdpa(
@@ -79,7 +222,70 @@ def decode_aware_sdpa(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, except bf16 grouped-query decode steps on the CPU (`grouped_decode_attention`)."""
-    if not args and takes_grouped_path(module, query, key, kwargs):
+    """transformers' sdpa attention, except bf16 decode steps on the CPU (the kernel, else grouped blocks)."""
+    if args or not takes_decode_path(module, query, key, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    if _kernel_takes(module, query, key, attention_mask):
+        try:
+            return kernel_decode_attention(module, query, key, value, attention_mask, **kwargs)
+        except Exception as err:  # compiling failed: this call and the rest take the fallback
+            KERNEL.turn_off(err)
+    if key.shape[1] < query.shape[1]:  # one query head per K/V head: nothing to group
         return grouped_decode_attention(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LLM's attention layers (transformers' attention modules: those with `num_key_value_groups`)."""
+    return [
+        m for m in language_model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "head_dim")
+    ]
+
+
+def enable_decode_kernel(language_model: torch.nn.Module) -> str | None:
+    """Compile `KERNEL` for this bf16 CPU model's head layout and turn it on for its attention layers; returns
+    None, or why the layers stay on the fallback (logged)."""
+    layers = attention_layers(language_model)
+    if not layers:
+        return "no attention layers with grouped heads (num_key_value_groups) found"
+    probe = layers[0]
+    if any(p.device.type != "cpu" or p.dtype not in DECODE_DTYPES for p in language_model.parameters()):
+        return "the model is not all bf16 on the CPU"
+    reason = KERNEL.failed or _warm_up(probe, language_model.config)
+    if reason is not None:
+        logger.warning("bf16 decode attention: torch's flash kernel (%s)", reason)
+        return reason
+    for layer in layers:
+        setattr(layer, KERNEL_FLAG, True)
+    return None
+
+
+def _warm_up(layer: torch.nn.Module, config: Any) -> str | None:
+    """Compile the graphs a server needs (one row and several, as `kernel_pays` takes them; contiguous and
+    strided K/V) and check each against the fallback; the reason it failed, or None."""
+    heads, head_dim = config.num_attention_heads, layer.head_dim
+    kv_heads = heads // layer.num_key_value_groups
+    several = max(KERNEL_MIN_ROWS, 2)  # every count above one row shares a graph
+    counts = [1, several] if layer.num_key_value_groups == 1 else [several]
+    g = torch.Generator().manual_seed(0)
+    windows = {"contiguous": None, "strided": 3, "strided from offset 0": 0}  # K/V: first column in storage
+    for rows, (layout, first) in ((n, w) for n in counts for w in windows.items()):
+        q = torch.randn(rows, heads, 1, head_dim, generator=g).to(torch.bfloat16)
+        store = [
+            torch.randn(rows + 1, kv_heads, 16, head_dim, generator=g).to(torch.bfloat16) for _ in range(2)
+        ]
+        k, v = (
+            t[:rows, :, :9].contiguous() if first is None else t[:rows, :, first : first + 9] for t in store
+        )
+        mask = torch.ones(rows, 1, 1, 9, dtype=torch.bool)
+        mask[-1, ..., :4] = False
+        try:
+            with torch.no_grad():
+                ours, _ = kernel_decode_attention(layer, q, k, v, mask)
+        except Exception as err:
+            KERNEL.turn_off(err)
+            return KERNEL.failed
+        expected, _ = grouped_decode_attention(layer, q, k, v, mask)
+        if not torch.allclose(ours.float(), expected.float(), rtol=2.0**-6, atol=2.0**-6):
+            return f"the compiled kernel disagrees with torch's flash kernel ({rows} rows, {layout} K/V)"
+    return None

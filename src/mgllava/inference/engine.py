@@ -63,6 +63,7 @@ from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
 from ..model.generation import configure_generation
 from ..utils.dtypes import resolve_dtype
+from .attention import enable_decode_kernel
 from .cache import LRUCache, digest
 from .decoding import MAX_STEP_TOKENS, Request, RunningBatch
 from .linear import pack_linears
@@ -100,6 +101,11 @@ UNSUPPORTED_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty
                               exponential_decay_length_penalty=None, watermarking_config=None)  # fmt: skip
 
 
+def _bf16_on_cpu(model: Any) -> bool:
+    first = next(model.language_model.parameters())
+    return first.dtype == torch.bfloat16 and first.device.type == "cpu"
+
+
 class Engine:
     """Model + processor + optional box proposer. Thread-safe: model work runs under one lock (a whole
     static batch, or one continuous step). `scheduling`: "continuous" or "static" (see the module notes);
@@ -107,7 +113,9 @@ class Engine:
     `prefix_min_tokens`: shorter common prefixes are recomputed (`prefix.MIN_REUSE`, which says why);
     `max_step_tokens`: a continuous step's token budget (one per decoding row, the rest for prompt chunks);
     `pack_linear`: replace the model's CPU linear layers by oneDNN-packed ones (`linear.pack_linears`; the
-    model is then for inference: `linear.unpack_linears` gives the layers back)."""
+    model is then for inference: `linear.unpack_linears` gives the layers back); `decode_kernel`: a bf16 model
+    on the CPU decodes with the compiled attention kernel (`attention.enable_decode_kernel`, compiled here;
+    `self.decode_kernel` says whether it is on)."""
 
     def __init__(
         self,
@@ -126,6 +134,7 @@ class Engine:
         max_message_chars: int | None = None,
         max_step_tokens: int = MAX_STEP_TOKENS,
         pack_linear: bool = True,
+        decode_kernel: bool = True,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
@@ -150,6 +159,9 @@ class Engine:
             _check_continuous(model.generation_config)
         # both schedulers: mixed steps (continuous) and bf16 decode attention on the CPU (inference/attention.py)
         install_packed(model.language_model)
+        self.decode_kernel = (
+            decode_kernel and _bf16_on_cpu(model) and enable_decode_kernel(model.language_model) is None
+        )
         # the CPU's fp32/bf16 linear layers with oneDNN-packed weights (inference/linear.py: 2-3x MKL's fp32 rate)
         self.packed_linears = pack_linears(model) if pack_linear else 0
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
