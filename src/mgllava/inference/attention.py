@@ -13,16 +13,17 @@ else torch's flash kernel over grouped query blocks.
 
 Why: torch's CPU flash kernel is slow for bf16 at one query per row, slowest with one query head per K/V head.
 At Vicuna-7B's 32/32 heads of 128 (bench/bench_decode_attention.py, bench/decode-kernel-results.md; AMD EPYC,
-2 cores, avx512_bf16): 54 ms a layer at 16 rows x 1000 keys in bf16, against 23 ms in fp32, so a bf16 decode
-step's attention cost twice an fp32 one's. The kernel takes 14 ms there (3.8x; 2.5-3.9x over 1-64 rows and
-100-2000 keys; 1.2-1.7x faster than fp32, except at one row of 100 keys). With grouped heads the flash kernel's
-blocks of queries hold their own: the kernel gains 1.0-1.24x at the serving bench's 8/4 heads of 64 from 16
-rows, about nothing at Llama-3-8B's 32/8, and loses below 8 rows (its compiled call costs about 25 us more),
-hence `kernel_pays`. Two bf16 matmuls (transformers' eager attention) would be as fast on contiguous K/V, but
-the batch cache's views are strided (`kv.SlotLayer` keeps spare columns), torch's bf16 matmul copies them
-first, and a serving step came out slower than on the flash kernel; they also round the scores to bf16.
+2 cores, avx512_bf16): 59 ms a layer at 16 rows x 1000 keys in bf16, against 23 ms in fp32, so a bf16 decode
+step's attention cost 2.5x an fp32 one's. The kernel takes 14 ms there (4.2x; 2.4-4.7x over 1-64 rows and
+100-2000 keys; 1.2-1.8x faster than fp32, except at one row of 100 keys). With grouped heads the flash
+kernel's blocks of queries hold their own: from 16 rows the kernel gains 1.26-1.55x at the serving bench's
+8/4 heads of 64 and 0.97-1.17x at Llama-3-8B's 32/8, and below 8 rows it loses (its compiled call costs about
+25 us more), hence `kernel_pays`. Two bf16 matmuls (transformers' eager attention) would be as fast on
+contiguous K/V, but the batch cache's views are strided (`kv.SlotLayer` keeps spare columns), torch's bf16
+matmul copies them first, and a serving step came out slower than on the flash kernel; they also round the
+scores to bf16.
 Without a mask, transformers passes `enable_gqa` to torch, whose flash kernel then reads each K/V head once per
-query head (3-9x slower than grouped blocks): the fallback groups the queries, mask or not.
+query head (2.7-9.8x slower than grouped blocks): the fallback groups the queries, mask or not.
 
 Numerics: both keep the scores and the softmax in float32; the kernel also the probabilities x V (the flash
 kernel rounds the probabilities to bf16 first). Against an fp32 model its mean error is at most the flash
