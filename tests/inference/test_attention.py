@@ -4,9 +4,14 @@ fallback as transformers' sdpa call; which calls take which path; a kernel that 
 leaves its calls to the fallback; and an engine decodes through it with logits as near an fp32 model's."""
 
 import logging
+import os
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -121,6 +126,24 @@ def test_the_kernel_masks_as_sdpa_does():
     assert torch.equal(poisoned, kernel_decode_attention(layer, q, k, v, mask)[0])
 
 
+def test_the_kernel_compiled_under_one_thread_runs_on_the_threads_a_call_has():
+    """inductor writes the compiling thread's OpenMP thread count into its code unless told otherwise, and
+    `mgllava serve` builds its engine (and compiles the kernel) under one thread."""
+    probe = types.FunctionType(attention._attend_single.__code__.replace(co_name="probe"), vars(attention))
+    q, k, v, mask = decode_inputs(batch=3, heads=4, kv_heads=4, length=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            _, code = run_and_get_code(
+                torch.compile(probe, **attention.COMPILE), q[:, :, 0], k, v, mask[:, 0], torch.tensor(0.2)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    code = "".join(code)
+    assert "#pragma omp parallel" in code and "num_threads(1)" not in code
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"), [(8, 1, 32), (8, 2, 32), (8, 4, 32), (32, 8, 128)]
 )
@@ -215,6 +238,29 @@ def one_head_per_kv_head():
     config = MGLlavaConfig.from_preset("tiny")
     config.text_config.num_key_value_heads = config.text_config.num_attention_heads
     return MGLlavaForConditionalGeneration(config).eval(), MGLlavaProcessor.from_preset("tiny")
+
+
+DISABLED = """
+import torch
+from mgllava.inference.attention import KERNEL, KERNEL_FLAG, decode_aware_sdpa, grouped_decode_attention
+layer = torch.nn.Module().eval()
+layer.num_key_value_groups, layer.head_dim = 4, 32
+setattr(layer, KERNEL_FLAG, True)
+q, k, v = torch.randn(8, 8, 1, 32).bfloat16(), torch.randn(8, 2, 9, 32).bfloat16(), torch.randn(8, 2, 9, 32).bfloat16()
+assert torch.equal(decode_aware_sdpa(layer, q, k, v, None)[0], grouped_decode_attention(layer, q, k, v, None)[0])
+print(KERNEL.failed)
+"""
+
+
+def test_with_dynamo_disabled_the_kernel_refuses_to_run_uncompiled():
+    """TORCHDYNAMO_DISABLE=1 makes compiled functions run as written, which for the kernel would be (B, heads,
+    L, d) float32 products: it refuses, and its call and the rest take the fallback."""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", DISABLED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "would run uncompiled" in run.stdout
 
 
 def bf16_llm():

@@ -57,6 +57,10 @@ KERNEL_MIN_KEYS = 1 << 17  # with one query head per K/V head, from this many ke
 # graphs a process may compile: per model up to 6 (one row or more; contiguous K/V, strided, strided from
 # storage offset 0); past dynamo's default limit (8) a call is retried under this one
 GRAPH_LIMIT = 64
+# dynamic shapes; the OpenMP team's size read when a call runs (inductor otherwise writes the thread count
+# of the compiling thread into the code: an engine built under one thread, as `mgllava serve` builds it,
+# would decode on one core)
+COMPILE = {"dynamic": True, "fullgraph": True, "options": {"cpp.dynamic_threads": True}}
 # set True on an attention layer whose bf16 decode steps take the kernel (`enable_decode_kernel`)
 KERNEL_FLAG = "mgllava_decode_kernel"
 # keyword arguments of attention variants this does not compute
@@ -126,7 +130,7 @@ class DecodeKernel:
         compiled = self._compiled.get(single)
         if compiled is None:
             form = _attend_single if single else _attend_grouped
-            compiled = self._compiled[single] = torch.compile(form, dynamic=True, fullgraph=True)
+            compiled = self._compiled[single] = torch.compile(form, **COMPILE)
         scales = self._scales.get(scale)
         if scales is None:
             scales = self._scales[scale] = torch.tensor(scale, dtype=torch.float32)
