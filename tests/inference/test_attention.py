@@ -11,12 +11,13 @@ import types
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mgllava import MGLlavaConfig, MGLlavaForConditionalGeneration, MGLlavaProcessor
-from mgllava.inference import Engine, attention
+from mgllava.inference import Batcher, Engine, attention
 from mgllava.inference.attention import (
     KERNEL,
     KERNEL_FLAG,
@@ -335,6 +336,31 @@ def test_a_bf16_engine_decodes_through_the_kernel_unless_told_not_to(
     taken.clear()
     solo(engine, prepared[0])
     assert "kernel_decode_attention" not in taken and "sdpa_attention_forward" in taken
+
+
+def test_the_batchers_worker_compiles_the_kernel_for_its_threads_before_the_first_request(
+    monkeypatch, every_step_pays
+):
+    """dynamo keys graphs on the thread count: a worker with other threads than the thread that built the
+    engine (`mgllava serve` builds it under one) compiles them when it starts, not at its first requests."""
+    model, processor = one_head_per_kv_head()
+    engine = Engine(model.to(torch.bfloat16), processor, ShapesProposer())
+    prepared = workload(engine)
+    warmed = []
+    real = engine.warm_up
+    monkeypatch.setattr(
+        engine, "warm_up", lambda: (real(), warmed.append(counters["stats"]["unique_graphs"]))
+    )
+    taken = route(monkeypatch)
+    batcher = Batcher(
+        engine, max_batch_size=8, max_wait_s=0.0, threads=2 if torch.get_num_threads() == 1 else 1
+    )
+    try:
+        assert all(job.future.result(120).token_ids for job in [batcher.submit(p) for p in prepared])
+    finally:
+        batcher.close(5)
+    assert "kernel_decode_attention" in taken
+    assert warmed == [counters["stats"]["unique_graphs"]]  # no graph compiled after the warm-up
 
 
 def test_a_grouped_head_engine_takes_the_kernel_for_batches_that_pay(monkeypatch):

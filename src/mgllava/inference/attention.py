@@ -265,6 +265,18 @@ def enable_decode_kernel(language_model: torch.nn.Module) -> str | None:
     return None
 
 
+def warm_decode_kernel(language_model: torch.nn.Module) -> None:
+    """Compile the kernel's graphs again for the calling thread, if `enable_decode_kernel` turned it on for this
+    model: dynamo keys graphs on the thread's intra-op thread count, so a model thread whose count differs
+    from the thread that loaded the model would compile them again at its first steps, seconds each, while
+    requests wait. Graphs that disagree or fail to compile turn the kernel off (logged)."""
+    layers = [m for m in attention_layers(language_model) if getattr(m, KERNEL_FLAG, False)]
+    if layers and KERNEL.failed is None:
+        reason = _warm_up(layers[0], language_model.config)
+        if reason is not None:
+            KERNEL.turn_off(RuntimeError(reason))
+
+
 def _warm_up(layer: torch.nn.Module, config: Any) -> str | None:
     """Compile the graphs a server needs (one row and several, as `kernel_pays` takes them; contiguous and
     strided K/V) and check each against the fallback; the reason it failed, or None."""

@@ -24,7 +24,8 @@ worker is supervised: if it ever stops (an error escaping the loop), every queue
 `EngineUnavailable` at once, `alive` turns False and `submit` refuses (`Busy(closed=True)`), so nothing
 waits on a worker that is gone. Every future is settled through `_settle`, which never sets a settled one.
 Threads: the worker is the thread that runs the model; `threads` sets its intra-op (OpenMP) thread count at
-its start (`utils.threads`: the count is per thread), so that callers may limit every other thread to one.
+its start (`utils.threads`: the count is per thread), so that callers may limit every other thread to one,
+and then has the engine compile its kernels for that count (`Engine.warm_up`) before it takes requests.
 `close(timeout)` stops taking work, lets the worker finish what it has for `timeout` seconds, then fails
 whatever is left with `EngineUnavailable`.
 """
@@ -150,12 +151,21 @@ class Batcher:
         try:
             if self.threads is not None:
                 set_threads(self.threads)
+            self._warm_up()
             loop()
         except BaseException as err:  # the worker is gone: nobody may wait on it
             logger.critical("the generation worker stopped", exc_info=True)
             with self._cond:
                 self.error = err
             self._fail_all(EngineUnavailable(f"the generation worker stopped ({type(err).__name__}: {err})"))
+
+    def _warm_up(self) -> None:
+        """The engine's compiled kernels for this thread's settings, before the first request; a failure
+        leaves the kernels to compile (or fall back) at their first use, and the worker serves."""
+        try:
+            self.engine.warm_up()
+        except Exception:
+            logger.exception("warming the engine up failed; its kernels compile at their first use")
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:

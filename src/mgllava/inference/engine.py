@@ -63,7 +63,7 @@ from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
 from ..model.generation import configure_generation
 from ..utils.dtypes import resolve_dtype
-from .attention import enable_decode_kernel
+from .attention import enable_decode_kernel, warm_decode_kernel
 from .cache import LRUCache, digest
 from .decoding import MAX_STEP_TOKENS, Request, RunningBatch
 from .linear import pack_linears
@@ -173,6 +173,14 @@ class Engine:
         self._text_lock = threading.Lock()
         self._decode_tokenizer = copy.deepcopy(processor.tokenizer)
         self._decode_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Compile the decode kernel for the calling thread (`attention.warm_decode_kernel`): a thread that
+        will run the model with other thread settings than the one that built the engine calls this first
+        (the batcher's worker does, once it has set its threads)."""
+        if self.decode_kernel:
+            with self._model_lock, torch.no_grad():
+                warm_decode_kernel(self.model.language_model)
 
     @classmethod
     def from_pretrained(
