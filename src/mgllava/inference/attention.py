@@ -34,10 +34,13 @@ these do not implement (logit softcapping, sinks, position biases) go to transfo
 
 Compiling: `enable_decode_kernel` (the engine calls it for a bf16 model on the CPU) compiles the graphs a
 server needs before the first request (one row, if it pays, and several; contiguous K/V, strided ones, strided
-from storage offset 0: 2-6 graphs, 10-30 s on 2 cores the first time, about 5 s once inductor's on-disk cache
+from storage offset 0: 3-6 graphs, 10-30 s on 2 cores the first time, about 5 s once inductor's on-disk cache
 holds them) and checks them against the fallback; a torch without inductor or a machine without a C++
-compiler leaves the layers on the fallback, with the reason logged. A call that fails later (a graph that
-fails to compile) turns the kernel off for the process and is answered by the fallback.
+compiler leaves the layers on the fallback, with the reason logged. dynamo keys graphs on the calling
+thread's intra-op thread count, so a model thread with another count compiles them again
+(`warm_decode_kernel`, which the batcher's worker runs before its first request); the code itself reads the
+OpenMP team's size when it runs (`cpp.dynamic_threads`). A call that fails later (a graph that fails to
+compile) turns the kernel off for the process and is answered by the fallback.
 """
 
 from __future__ import annotations
@@ -167,9 +170,8 @@ def kernel_decode_attention(
     """One query token per row through `KERNEL`: (B, 1, heads, head_dim) and no weights."""
     batch, heads, _, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    grouped = query.reshape(
-        batch, kv_heads, heads // kv_heads, head_dim
-    ).contiguous()  # one layout: fewer graphs
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    grouped = grouped.contiguous()  # one layout for every call: fewer graphs
     if attention_mask is None:
         mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=query.device)
     else:  # as transformers' sdpa function slices it; one layout for every call (fewer graphs)
@@ -199,10 +201,11 @@ def grouped_decode_attention(
 
 
 def kernel_pays(rows: int, group: int, keys: int) -> bool:
-    """Where the kernel beats the flash kernel (bench/bench_decode_attention.py): with one query head per K/V
-    head from `KERNEL_MIN_KEYS` keys (over all rows, K/V heads and head dims; 1.3-11x above it), with grouped
-    heads from `KERNEL_MIN_ROWS` rows (1.1-2.1x at 8-64 rows; with fewer, the flash kernel's blocks of grouped
-    queries and the compiled call's fixed cost, about 25 us, make it lose by up to 1.4x)."""
+    """Where the kernel beats the flash kernel (bench/decode-kernel-results.md): with one query head per K/V
+    head from `KERNEL_MIN_KEYS` keys (over all rows, K/V heads and head dims; 2.4-4.7x at Vicuna-7B's heads,
+    and at 8 heads of 64 it loses below about that many), with grouped heads from `KERNEL_MIN_ROWS` rows
+    (0.97-1.55x with a padding mask at 16-64 rows; below 8 rows the flash kernel's blocks of grouped queries
+    and the compiled call's fixed cost, about 25 us, make it lose by up to 1.4x)."""
     return keys >= KERNEL_MIN_KEYS if group == 1 else rows >= KERNEL_MIN_ROWS
 
 
@@ -235,9 +238,9 @@ def decode_aware_sdpa(
             return kernel_decode_attention(module, query, key, value, attention_mask, **kwargs)
         except Exception as err:  # compiling failed: this call and the rest take the fallback
             KERNEL.turn_off(err)
-    if key.shape[1] < query.shape[1]:  # one query head per K/V head: nothing to group
+    if key.shape[1] < query.shape[1]:
         return grouped_decode_attention(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # nothing to group
 
 
 def attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -252,7 +255,7 @@ def enable_decode_kernel(language_model: torch.nn.Module) -> str | None:
     None, or why the layers stay on the fallback (logged)."""
     layers = attention_layers(language_model)
     if not layers:
-        return "no attention layers with grouped heads (num_key_value_groups) found"
+        return "no transformers attention layers (modules with num_key_value_groups and head_dim) found"
     probe = layers[0]
     if any(p.device.type != "cpu" or p.dtype not in DECODE_DTYPES for p in language_model.parameters()):
         return "the model is not all bf16 on the CPU"

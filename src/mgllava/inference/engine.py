@@ -115,7 +115,7 @@ class Engine:
     `pack_linear`: replace the model's CPU linear layers by oneDNN-packed ones (`linear.pack_linears`; the
     model is then for inference: `linear.unpack_linears` gives the layers back); `decode_kernel`: a bf16 model
     on the CPU decodes with the compiled attention kernel (`attention.enable_decode_kernel`, compiled here;
-    `self.decode_kernel` says whether it is on)."""
+    `self.decode_kernel` says whether it was on when the engine was built)."""
 
     def __init__(
         self,
