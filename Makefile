@@ -33,7 +33,7 @@ export CUSTOM_COMPILE_COMMAND := make lock
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-slow test-harness test-hf vllm test-vllm test-gpu test-latest lock lint format bench bench-components clean
+.PHONY: compiler install browser demo test test-slow test-harness test-hf vllm test-vllm test-gpu test-latest lock lint format bench bench-components clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,12 @@ test-vllm: $(VLLM_STAMP)
 	VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
 
 # the web page test drives a real headless Chromium: Debian's packages, installed only when missing
+# inductor compiles the bf16 decode-attention kernel with a C++ compiler (its tests skip without one):
+# Debian's g++, installed only when missing
+compiler:
+	@command -v g++ >/dev/null || command -v c++ >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; }
+
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
