@@ -158,6 +158,12 @@ class DecodeKernel:
 KERNEL = DecodeKernel()
 
 
+def group_queries(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(B, heads, 1, d) -> (B, kv_heads, group, d): each K/V head's query heads as one block of queries."""
+    batch, heads, _, head_dim = query.shape
+    return query.reshape(batch, key.shape[1], heads // key.shape[1], head_dim)
+
+
 def kernel_decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -169,9 +175,8 @@ def kernel_decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """One query token per row through `KERNEL`: (B, 1, heads, head_dim) and no weights."""
     batch, heads, _, head_dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    grouped = grouped.contiguous()  # one layout for every call: fewer graphs
+    length = key.shape[2]
+    grouped = group_queries(query, key).contiguous()  # one layout for every call: fewer graphs
     if attention_mask is None:
         mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=query.device)
     else:  # as transformers' sdpa function slices it; one layout for every call (fewer graphs)
@@ -191,8 +196,7 @@ def grouped_decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """One query token per row through torch's sdpa over grouped query blocks: (B, 1, heads, head_dim)."""
     batch, heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # a group's queries as one block
+    grouped = group_queries(query, key)
     mask = attention_mask
     if mask is not None:
         mask = mask[:, :, :, : key.shape[2]]  # as transformers' sdpa function slices it
@@ -252,7 +256,8 @@ def attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def enable_decode_kernel(language_model: torch.nn.Module) -> str | None:
     """Compile `KERNEL` for this bf16 CPU model's head layout and turn it on for its attention layers; returns
-    None, or why the layers stay on the fallback (logged)."""
+    None, or why the layers stay on the fallback (logged when the model qualified but the kernel did not
+    compile)."""
     layers = attention_layers(language_model)
     if not layers:
         return "no transformers attention layers (modules with num_key_value_groups and head_dim) found"

@@ -101,11 +101,6 @@ UNSUPPORTED_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty
                               exponential_decay_length_penalty=None, watermarking_config=None)  # fmt: skip
 
 
-def _bf16_on_cpu(model: Any) -> bool:
-    first = next(model.language_model.parameters())
-    return first.dtype == torch.bfloat16 and first.device.type == "cpu"
-
-
 class Engine:
     """Model + processor + optional box proposer. Thread-safe: model work runs under one lock (a whole
     static batch, or one continuous step). `scheduling`: "continuous" or "static" (see the module notes);
@@ -159,9 +154,8 @@ class Engine:
             _check_continuous(model.generation_config)
         # both schedulers: mixed steps (continuous) and bf16 decode attention on the CPU (inference/attention.py)
         install_packed(model.language_model)
-        self.decode_kernel = (
-            decode_kernel and _bf16_on_cpu(model) and enable_decode_kernel(model.language_model) is None
-        )
+        # bf16 models on the CPU only (`enable_decode_kernel` says why not, and logs only a failed compile)
+        self.decode_kernel = decode_kernel and enable_decode_kernel(model.language_model) is None
         # the CPU's fp32/bf16 linear layers with oneDNN-packed weights (inference/linear.py: 2-3x MKL's fp32 rate)
         self.packed_linears = pack_linears(model) if pack_linear else 0
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
