@@ -137,7 +137,9 @@ def test_serve_flags_reach_the_engine_and_uvicorn(folder, monkeypatch):
     assert build_parser().parse_args(["serve", "--model", "x"]).prefix_min_tokens == MIN_REUSE
     flags = ["--prefix-cache-mb", "2", "--prefix-min-tokens", "48", "--max-prompt-chars", "999",
              "--max-message-chars", "500", "--shutdown-timeout-s", "3", "--body-timeout-s", "4"]  # fmt: skip
-    assert main(["serve", "--model", str(folder / "tiny"), "--device", "cpu", *flags]) == 0
+    with mock.patch.object(Engine, "__init__", autospec=True, side_effect=Engine.__init__) as init:
+        assert main(["serve", "--model", str(folder / "tiny"), "--device", "cpu", *flags]) == 0
+    assert init.call_args.kwargs["warm"] is False  # the batcher's worker compiles kernels, for its threads
     server = ran["app"].state.server
     engine = server.engine
     assert engine.prefixes.entries.max_bytes == 2 << 20 and engine.prefixes.min_tokens == 48

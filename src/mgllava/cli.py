@@ -135,11 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
     # every thread but the model's (the batcher worker sets its own count) runs with --prepare-threads OpenMP
     # threads, from before the model loads: the event loop and request threads never start a team beside
     # the model's, and neither does loading (a team the main thread ever started slows the model thread's
-    # small oneDNN calls about 2x, even once idle: docs/server.md, "Threads")
+    # small oneDNN calls about 2x, even once idle: docs/server.md, "Threads"); compiled kernels are compiled
+    # by the worker, for its thread count (`warm=False`)
     with limited_threads(settings.prepare_threads):
         engine = _engine(args, max_image_pixels=args.max_image_pixels, max_prompt_chars=args.max_prompt_chars,
                          max_message_chars=args.max_message_chars, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
-                         prefix_min_tokens=args.prefix_min_tokens, max_step_tokens=args.max_step_tokens)  # fmt: skip
+                         prefix_min_tokens=args.prefix_min_tokens, max_step_tokens=args.max_step_tokens,
+                         warm=False)  # fmt: skip
         uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info",
                     timeout_graceful_shutdown=settings.shutdown_timeout_s)  # fmt: skip
     return 0

@@ -354,13 +354,16 @@ def test_a_bf16_engine_decodes_through_the_kernel_unless_told_not_to(
 
 
 @needs_compiler
+@pytest.mark.parametrize("warm", [True, False])
 def test_the_batchers_worker_compiles_the_kernel_for_its_threads_before_the_first_request(
-    monkeypatch, every_step_pays
+    monkeypatch, every_step_pays, warm
 ):
     """dynamo keys graphs on the thread count: a worker with other threads than the thread that built the
-    engine (`mgllava serve` builds it under one) compiles them when it starts, not at its first requests."""
+    engine (`mgllava serve` builds it under one) compiles them when it starts, not at its first requests;
+    with `warm=False` (as `mgllava serve` builds it) only the worker compiles them."""
     model, processor = one_head_per_kv_head()
-    engine = Engine(model.to(torch.bfloat16), processor, ShapesProposer())
+    engine = Engine(model.to(torch.bfloat16), processor, ShapesProposer(), warm=warm)
+    assert engine.decode_kernel is warm
     prepared = workload(engine)
     warmed = []
     real = engine.warm_up
@@ -375,8 +378,33 @@ def test_the_batchers_worker_compiles_the_kernel_for_its_threads_before_the_firs
         assert all(job.future.result(120).token_ids for job in [batcher.submit(p) for p in prepared])
     finally:
         batcher.close(5)
-    assert "kernel_decode_attention" in taken
+    assert "kernel_decode_attention" in taken and engine.decode_kernel
     assert warmed == [counters["stats"]["unique_graphs"]]  # no graph compiled after the warm-up
+
+
+@needs_compiler
+def test_a_pending_kernel_is_compiled_checked_and_turned_on_by_the_first_warm_up(
+    monkeypatch, every_step_pays
+):
+    """`warm=False`: the fallback until `warm_up`; after it the kernel; `decode_kernel` says which, and says
+    False again once a failure turned the kernel off for the process."""
+    model, processor = one_head_per_kv_head()
+    warmed = []
+    real = attention._warm_up
+    monkeypatch.setattr(attention, "_warm_up", lambda *a: warmed.append(a) or real(*a))
+    engine = Engine(model.to(torch.bfloat16), processor, ShapesProposer(), warm=False)
+    assert not warmed and not engine.decode_kernel  # nothing compiled or checked yet
+    prepared = workload(engine)
+    taken = route(monkeypatch)
+    assert solo(engine, prepared[0])
+    assert "kernel_decode_attention" not in taken and "sdpa_attention_forward" in taken
+    engine.warm_up()
+    assert len(warmed) == 1 and engine.decode_kernel
+    taken.clear()
+    assert solo(engine, prepared[0])
+    assert "kernel_decode_attention" in taken
+    monkeypatch.setattr(KERNEL, "failed", "RuntimeError: later")
+    assert not engine.decode_kernel
 
 
 @needs_compiler

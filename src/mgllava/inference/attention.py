@@ -66,6 +66,7 @@ GRAPH_LIMIT = 64
 COMPILE = {"dynamic": True, "fullgraph": True, "options": {"cpp.dynamic_threads": True}}
 # set True on an attention layer whose bf16 decode steps take the kernel (`enable_decode_kernel`)
 KERNEL_FLAG = "mgllava_decode_kernel"
+PENDING = "pending"  # KERNEL_FLAG's value on layers whose kernel is to be compiled by `warm_decode_kernel`
 # keyword arguments of attention variants this does not compute
 UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
 
@@ -218,7 +219,7 @@ def _kernel_takes(
 ) -> bool:
     shaped = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1))
     return (
-        getattr(module, KERNEL_FLAG, False)
+        getattr(module, KERNEL_FLAG, False) is True  # not PENDING: compiled and checked
         and KERNEL.failed is None
         and shaped
         and kernel_pays(query.shape[0], query.shape[1] // key.shape[1], key.numel())
@@ -254,35 +255,48 @@ def attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def enable_decode_kernel(language_model: torch.nn.Module) -> str | None:
+def enable_decode_kernel(language_model: torch.nn.Module, compile: bool = True) -> str | None:
     """Compile `KERNEL` for this bf16 CPU model's head layout and turn it on for its attention layers; returns
     None, or why the layers stay on the fallback (logged when the model qualified but the kernel did not
-    compile)."""
+    compile). `compile=False`: only check that the model qualifies and mark its layers; the first
+    `warm_decode_kernel` (called by the thread that will run the model) compiles, checks and turns the kernel
+    on, and until then the layers take the fallback."""
     layers = attention_layers(language_model)
     if not layers:
         return "no transformers attention layers (modules with num_key_value_groups and head_dim) found"
     probe = layers[0]
     if any(p.device.type != "cpu" or p.dtype not in DECODE_DTYPES for p in language_model.parameters()):
         return "the model is not all bf16 on the CPU"
-    reason = KERNEL.failed or _warm_up(probe, language_model.config)
+    reason = KERNEL.failed or (None if not compile else _warm_up(probe, language_model.config))
     if reason is not None:
         logger.warning("bf16 decode attention: torch's flash kernel (%s)", reason)
         return reason
     for layer in layers:
-        setattr(layer, KERNEL_FLAG, True)
+        setattr(layer, KERNEL_FLAG, True if compile else PENDING)
     return None
 
 
 def warm_decode_kernel(language_model: torch.nn.Module) -> None:
-    """Compile the kernel's graphs again for the calling thread, if `enable_decode_kernel` turned it on for this
-    model: dynamo keys graphs on the thread's intra-op thread count, so a model thread whose count differs
-    from the thread that loaded the model would compile them again at its first steps, seconds each, while
-    requests wait. Graphs that disagree or fail to compile turn the kernel off (logged)."""
+    """Compile the kernel's graphs for the calling thread, if `enable_decode_kernel` turned it on (or marked it
+    pending) for this model: dynamo keys graphs on the thread's intra-op thread count, so a model thread whose
+    count differs from the thread that loaded the model would compile them again at its first steps, seconds
+    each, while requests wait. Graphs that disagree or fail to compile turn the kernel off (logged); pending
+    layers are turned on once their graphs check."""
     layers = [m for m in attention_layers(language_model) if getattr(m, KERNEL_FLAG, False)]
     if layers and KERNEL.failed is None:
         reason = _warm_up(layers[0], language_model.config)
         if reason is not None:
             KERNEL.turn_off(RuntimeError(reason))
+            return
+        for layer in layers:
+            setattr(layer, KERNEL_FLAG, True)
+
+
+def decode_kernel_on(language_model: torch.nn.Module) -> bool:
+    """Whether this model's decode steps take the kernel now (on for its layers, not turned off since)."""
+    return KERNEL.failed is None and any(
+        getattr(m, KERNEL_FLAG, False) is True for m in attention_layers(language_model)
+    )
 
 
 def _warm_up(layer: torch.nn.Module, config: Any) -> str | None:

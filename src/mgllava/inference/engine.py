@@ -63,7 +63,7 @@ from ..media.images import ImageError, ImageTooLarge, load_image
 from ..media.video import VideoError
 from ..model.generation import configure_generation
 from ..utils.dtypes import resolve_dtype
-from .attention import enable_decode_kernel, warm_decode_kernel
+from .attention import decode_kernel_on, enable_decode_kernel, warm_decode_kernel
 from .cache import LRUCache, digest
 from .decoding import MAX_STEP_TOKENS, Request, RunningBatch
 from .linear import pack_linears
@@ -109,8 +109,10 @@ class Engine:
     `max_step_tokens`: a continuous step's token budget (one per decoding row, the rest for prompt chunks);
     `pack_linear`: replace the model's CPU linear layers by oneDNN-packed ones (`linear.pack_linears`; the
     model is then for inference: `linear.unpack_linears` gives the layers back); `decode_kernel`: a bf16 model
-    on the CPU decodes with the compiled attention kernel (`attention.enable_decode_kernel`, compiled here;
-    `self.decode_kernel` says whether it was on when the engine was built)."""
+    on the CPU decodes with the compiled attention kernel (`attention.enable_decode_kernel`; `self.decode_kernel`
+    says whether it is on now); `warm`: compile it here, in the building thread (False: at the first
+    `warm_up`, which a `Batcher`'s worker calls before its first request, and the fallback until then: for a
+    model thread whose thread count differs from the building thread's, as in `mgllava serve`)."""
 
     def __init__(
         self,
@@ -130,6 +132,7 @@ class Engine:
         max_step_tokens: int = MAX_STEP_TOKENS,
         pack_linear: bool = True,
         decode_kernel: bool = True,
+        warm: bool = True,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
@@ -155,7 +158,7 @@ class Engine:
         # both schedulers: mixed steps (continuous) and bf16 decode attention on the CPU (inference/attention.py)
         install_packed(model.language_model)
         # bf16 models on the CPU only (`enable_decode_kernel` says why not, and logs only a failed compile)
-        self.decode_kernel = decode_kernel and enable_decode_kernel(model.language_model) is None
+        self._kernel = decode_kernel and enable_decode_kernel(model.language_model, compile=warm) is None
         # the CPU's fp32/bf16 linear layers with oneDNN-packed weights (inference/linear.py: 2-3x MKL's fp32 rate)
         self.packed_linears = pack_linears(model) if pack_linear else 0
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
@@ -172,9 +175,15 @@ class Engine:
         """Compile the decode kernel for the calling thread (`attention.warm_decode_kernel`): a thread that
         will run the model with other thread settings than the one that built the engine calls this first
         (the batcher's worker does, once it has set its threads)."""
-        if self.decode_kernel:
+        if self._kernel:
             with self._model_lock, torch.no_grad():
                 warm_decode_kernel(self.model.language_model)
+
+    @property
+    def decode_kernel(self) -> bool:
+        """Whether bf16 decode steps take the compiled attention kernel now (False before a pending kernel's
+        `warm_up`, and after a failure turned it off for the process)."""
+        return self._kernel and decode_kernel_on(self.model.language_model)
 
     @classmethod
     def from_pretrained(
