@@ -216,6 +216,41 @@ def test_vllm_serve_bench_without_the_vllm_venv_records_why_it_did_not_run(tmp_p
     assert [g["met"] for g in record["goals"]] == [None]
 
 
+def test_vllm_serve_schedule_gives_each_round_its_own_seeds_and_alternates_the_order():
+    import bench_vllm_serve
+
+    plan = bench_vllm_serve.schedule([1, 4, 16], requests=2, rounds=3)
+    assert [(c, r) for c, r, _, _ in plan] == [(c, r) for c in (1, 4, 16) for r in range(3)]
+    seeds = [set(range(first, first + c * 2)) for c, _, first, _ in plan]
+    assert sum(map(len, seeds)) == len(set().union(*seeds)) == 3 * 2 * (1 + 4 + 16)  # no request sent twice
+    assert bench_vllm_serve.WARM_SEED not in set().union(*seeds)
+    assert [order for _, r, _, order in plan if r < 2][:2] == [("ours", "vllm"), ("vllm", "ours")]
+
+
+@pytest.mark.slow
+def test_vllm_serve_quick_run_with_our_server_on_both_sides(tmp_path, monkeypatch):
+    """The whole bench (two servers up, interleaved rounds, the one-at-a-time pass, the table) with our
+    server standing in for vLLM: the same fp32 engine gives the same answers on both sides."""
+    import bench_vllm_serve
+
+    command, body = bench_vllm_serve.command, bench_vllm_serve.body
+    monkeypatch.setattr(bench_vllm_serve, "VLLM_PYTHON", Path(sys.executable))
+    monkeypatch.setattr(bench_vllm_serve, "command", lambda server, *args: command("ours", *args))
+    monkeypatch.setattr(bench_vllm_serve, "body", lambda seed, model, server, boxes: {
+        **body(seed, model, "ours", boxes), "max_tokens": 4})  # fmt: skip
+    markdown = run_quick("bench_vllm_serve", tmp_path)["markdown"]
+    rows = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("| llava-fp32")]
+    table = {(int(r[1]), r[2].strip()): [c.strip() for c in r[3:]] for r in rows}
+    assert set(table) == {(c, s) for c in (1, 4) for s in ("ours", "vllm", "ours/vllm")}
+    for (clients, server), cells in table.items():
+        rates = cells[1].split()
+        assert len(rates) == 2  # two rounds, each reported
+        if server != "ours/vllm":
+            assert float(cells[0]) > 0 and cells[-2] == f"{clients * 2}/{clients * 2}"
+            assert cells[-1] == f"{clients}/{clients}"  # the first round's requests, sent again one at a time
+    assert "equal answers to 5/5 requests" in markdown
+
+
 def test_memory_bench_materialises_meta_models_with_real_buffers():
     import bench_memory
 
