@@ -13,8 +13,9 @@ whose CPU graphs take minutes to build) under .venv-vllm (`make vllm`). Cases:
   kernel pays: docs/server.md); bf16.
 - `mg`: the full model (Conv-Gate over a 256 px ConvNeXt, object tokens), two boxes a request; fp32.
 
-Both servers are up at once (started one after the other; an idle one sleeps, and the table gives the CPU
-it used while the other was loaded) and are loaded one at a time, on the same cores. Each level (1, 4, 16, 64
+Both servers are up at once (started one after the other) and are loaded one at a time, on the same cores;
+each round starts once the server loaded before it is quiet (vLLM's OpenMP threads spin for up to about a
+second after its last answer), and the table gives the CPU the other server used during each one's rounds. Each level (1, 4, 16, 64
 clients) runs `--rounds` rounds, ours then vLLM, vLLM then ours, and so on, so that the machine's drift (this is
 a shared 2-core machine, where one server's requests/s moved 30% between runs with nothing changed) hits both
 alike. Every round has requests of its own: no image or prompt is sent twice, so no cache of either server
@@ -212,6 +213,22 @@ def cpu_seconds(proc: subprocess.Popen) -> float:
         return float("nan")
 
 
+def settle(proc: subprocess.Popen, window: float = 0.25, quiet: float = 0.02, limit: float = 30.0) -> float:
+    """Wait until a server that was just loaded is quiet (under `quiet` CPU seconds in a `window`), at most
+    `limit` seconds; returns the seconds waited. vLLM's process keeps 1-2 threads busy for up to about a second
+    after its last answer (OpenMP threads spinning): without the wait, that time came out of the next round,
+    ours after vLLM's, which an idle-CPU probe showed (0.3-0.6 CPU seconds in 1-2 s rounds)."""
+    start = time.monotonic()
+    before = cpu_seconds(proc)
+    while time.monotonic() - start < limit:
+        time.sleep(window)
+        now = cpu_seconds(proc)
+        if now - before < quiet:
+            break
+        before = now
+    return time.monotonic() - start
+
+
 def run(case: Case, folder: Path, levels: list[int], requests: int, rounds: int, work: Path) -> dict:
     """Both servers up at once (started one after the other), the rounds of `schedule` sent to one at a time:
     {server: {clients: [one dict per round]}, "alone": {server: {seed: record}}} (alone: fp32 cases)."""
@@ -221,13 +238,17 @@ def run(case: Case, folder: Path, levels: list[int], requests: int, rounds: int,
         bases = {s: stack.enter_context(server) for s, server in servers.items()}
         for s in SERVERS:
             load(bases[s], s, case, str(folder), 1, 1, offset=WARM_SEED)
+            settle(servers[s].proc)
         for clients, r, offset, order in schedule(levels, requests, rounds):
             for s in order:
-                other = servers[SERVERS[1 - SERVERS.index(s)]].proc
+                other = servers[
+                    SERVERS[1 - SERVERS.index(s)]
+                ].proc  # idle: its CPU time is noise in this round
                 before, idle = os.getloadavg()[0], cpu_seconds(other)
                 done, wall = load(bases[s], s, case, str(folder), clients, requests, offset)
                 results[s][clients].append({"done": done, "wall": wall, "load": (before, os.getloadavg()[0]),
                                             "idle_cpu": cpu_seconds(other) - idle})  # fmt: skip
+                settle(servers[s].proc)
                 print(f"  {case.name} {s:>5} {clients:>3} clients, round {r + 1}: {len(done) / wall:.2f} req/s",
                       flush=True)  # fmt: skip
         if case.dtype == "fp32":  # the first round's requests again, one at a time: what batching changes
@@ -311,8 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     requests, rounds = (1, 2) if args.quick else (args.requests, args.rounds)
     record.line(f"{rounds} rounds per level of {requests} requests per client, each round with requests of its own; "
                 "both servers up, one loaded at a time, in the order ours-vLLM, vLLM-ours, ... . `req/s` and the "
-                "latencies are over all rounds, `rounds` gives each round's. `idle CPU`: the idle server's CPU "
-                "time over the loaded one's wall time. `equal`: the two servers' answers to the same requests; "
+                "latencies are over all rounds, `rounds` gives each round's. `other's CPU`: the other server's CPU "
+                "time while this one was loaded, over the round's wall time (each round starts once the server loaded "
+                "before it is quiet). `equal`: the two servers' answers to the same requests; "
                 "`as alone` (fp32 cases): answers under load equal to the same server's answers to the first "
                 "round's requests sent one at a time.")  # fmt: skip
     record.line()
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
                 alone.append(f"{case.name}: one request at a time, the two servers gave equal answers to "
                              f"{sum(ours[s]['text'] == theirs[s]['text'] for s in ours)}/{len(ours)} requests.")  # fmt: skip
     record.table(["case", "clients", "server", "req/s", "rounds", "p50 s", "p95 s", "load before/after",
-                  "idle CPU", "equal", "as alone"], rows)  # fmt: skip
+                  "other's CPU", "equal", "as alone"], rows)  # fmt: skip
     for line in alone:
         record.line(line)
     record.line()
