@@ -201,6 +201,22 @@ def test_decode_attention_quick_compares_transformers_call_with_ours(tmp_path):
                for v in values.values())  # fmt: skip
 
 
+def test_decode_attention_quick_without_a_compiler_records_why_and_measures_the_rest(tmp_path, monkeypatch):
+    import bench_decode_attention
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: CppCompileError: no C++ compiler found\ndetails")
+
+    monkeypatch.setattr(bench_decode_attention, "kernel_decode_attention", no_compiler)
+    record = run_quick("bench_decode_attention", tmp_path, "--rounds", "1")
+    assert (
+        "does not compile here (RuntimeError: InductorError: CppCompileError: no C++ compiler found)"
+        in (record["markdown"])
+    )
+    values = record["values"].values()
+    assert values and all("kernel" not in v and v["engine"] == "grouped" and v["grouped"] > 0 for v in values)
+
+
 def test_linear_quick_compares_f_linear_with_packed_weights(tmp_path):
     values = run_quick("bench_linear", tmp_path)["values"]
     assert {"float32", "bfloat16"} == {key.split()[0] for key in values}
