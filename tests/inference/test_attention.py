@@ -382,6 +382,25 @@ def test_the_batchers_worker_compiles_the_kernel_for_its_threads_before_the_firs
     assert warmed == [counters["stats"]["unique_graphs"]]  # no graph compiled after the warm-up
 
 
+def test_a_worker_whose_warm_up_fails_serves_on_the_fallback(monkeypatch, every_step_pays, caplog):
+    """An error in the worker's warm-up is logged, the worker serves, and a kernel left to that warm-up
+    (`warm=False`, as `mgllava serve` builds the engine) stays off."""
+    model, processor = one_head_per_kv_head()
+    engine = Engine(model.to(torch.bfloat16), processor, ShapesProposer(), warm=False)
+    prepared = workload(engine)
+    monkeypatch.setattr(engine, "warm_up", lambda: (_ for _ in ()).throw(RuntimeError("warm-up broke")))
+    taken = route(monkeypatch)
+    with caplog.at_level(logging.ERROR, logger="mgllava.inference.batcher"):
+        batcher = Batcher(engine, max_batch_size=8, max_wait_s=0.0)
+        try:
+            assert all(job.future.result(120).token_ids for job in [batcher.submit(p) for p in prepared])
+        finally:
+            batcher.close(5)
+    assert "warm-up broke" in caplog.text and "serving without the kernels" in caplog.text
+    assert batcher.error is None and not engine.decode_kernel
+    assert "kernel_decode_attention" not in taken and "sdpa_attention_forward" in taken
+
+
 @needs_compiler
 def test_a_pending_kernel_is_compiled_checked_and_turned_on_by_the_first_warm_up(
     monkeypatch, every_step_pays

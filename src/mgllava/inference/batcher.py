@@ -160,12 +160,13 @@ class Batcher:
             self._fail_all(EngineUnavailable(f"the generation worker stopped ({type(err).__name__}: {err})"))
 
     def _warm_up(self) -> None:
-        """The engine's compiled kernels for this thread's settings, before the first request; a failure
-        leaves the kernels to compile (or fall back) at their first use, and the worker serves."""
+        """The engine's compiled kernels for this thread's settings, before the first request; after a
+        failure the worker serves all the same: kernels compiled in the building thread compile again at
+        their first use, and kernels left to this warm-up (`Engine(warm=False)`) stay off (the fallback)."""
         try:
             self.engine.warm_up()
         except Exception:
-            logger.exception("warming the engine up failed; its kernels compile at their first use")
+            logger.exception("warming the engine up failed; serving without the kernels it did not compile")
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:
