@@ -13,7 +13,7 @@ whose CPU graphs take minutes to build) under .venv-vllm (`make vllm`). Cases:
   kernel pays: docs/server.md); bf16.
 - `mg`: the full model (Conv-Gate over a 256 px ConvNeXt, object tokens), two boxes a request; fp32.
 
-Both servers are up at once (started one after the other) and are loaded one at a time, on the same cores;
+Both servers are up at once (started together) and are loaded one at a time, on the same cores;
 each round starts once the server loaded before it is quiet (vLLM's OpenMP threads spin for up to about a
 second after its last answer), and the table gives the CPU the other server used during each one's rounds. Each level (1, 4, 16, 64
 clients) runs `--rounds` rounds, ours then vLLM, vLLM then ours, and so on, so that the machine's drift (this is
@@ -230,7 +230,7 @@ def settle(proc: subprocess.Popen, window: float = 0.25, quiet: float = 0.02, li
 
 
 def run(case: Case, folder: Path, levels: list[int], requests: int, rounds: int, work: Path) -> dict:
-    """Both servers up at once (started one after the other), the rounds of `schedule` sent to one at a time:
+    """Both servers up at once (started together), the rounds of `schedule` sent to one at a time:
     {server: {clients: [one dict per round]}, "alone": {server: {seed: record}}} (alone: fp32 cases)."""
     results: dict = {server: {clients: [] for clients in levels} for server in SERVERS}
     with contextlib.ExitStack() as stack:
@@ -241,13 +241,12 @@ def run(case: Case, folder: Path, levels: list[int], requests: int, rounds: int,
             settle(servers[s].proc)
         for clients, r, offset, order in schedule(levels, requests, rounds):
             for s in order:
-                other = servers[
-                    SERVERS[1 - SERVERS.index(s)]
-                ].proc  # idle: its CPU time is noise in this round
+                # the other server idles during this round: what CPU it uses anyway is noise here
+                other = servers[SERVERS[1 - SERVERS.index(s)]].proc
                 before, idle = os.getloadavg()[0], cpu_seconds(other)
                 done, wall = load(bases[s], s, case, str(folder), clients, requests, offset)
                 results[s][clients].append({"done": done, "wall": wall, "load": (before, os.getloadavg()[0]),
-                                            "idle_cpu": cpu_seconds(other) - idle})  # fmt: skip
+                                            "other_cpu": cpu_seconds(other) - idle})  # fmt: skip
                 settle(servers[s].proc)
                 print(f"  {case.name} {s:>5} {clients:>3} clients, round {r + 1}: {len(done) / wall:.2f} req/s",
                       flush=True)  # fmt: skip
@@ -268,7 +267,7 @@ def pooled(rounds: list[dict]) -> dict:
     return {"rps": len(done) / sum(r["wall"] for r in rounds), "p50": statistics.median(latencies),
             "p95": percentile(latencies, 0.95), "answers": done, "rates": [len(r["done"]) / r["wall"] for r in rounds],
             "load": (min(r["load"][0] for r in rounds), max(r["load"][1] for r in rounds)),
-            "idle_cpu": sum(r["idle_cpu"] for r in rounds) / sum(r["wall"] for r in rounds)}  # fmt: skip
+            "other_cpu": sum(r["other_cpu"] for r in rounds) / sum(r["wall"] for r in rounds)}  # fmt: skip
 
 
 def case_rows(case: Case, results: dict, levels: list[int]) -> list[list[object]]:
@@ -287,7 +286,7 @@ def case_rows(case: Case, results: dict, levels: list[int]) -> list[list[object]
             )
             rows.append([case.name, clients, name, f"{r['rps']:.2f}", " ".join(f"{x:.2f}" for x in r["rates"]),
                          f"{r['p50']:.2f}", f"{r['p95']:.2f}", f"{r['load'][0]:.1f}/{r['load'][1]:.1f}",
-                         f"{r['idle_cpu']:.0%}", f"{equal}/{len(seeds)}", same])  # fmt: skip
+                         f"{r['other_cpu']:.0%}", f"{equal}/{len(seeds)}", same])  # fmt: skip
         ratios = [a / b for a, b in zip(ours["rates"], theirs["rates"], strict=True)]
         rows.append([case.name, clients, "ours/vllm", f"{ours['rps'] / theirs['rps']:.2f}x",
                      " ".join(f"{x:.2f}x" for x in ratios), f"{ours['p50'] / theirs['p50']:.2f}x",
