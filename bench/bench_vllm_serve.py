@@ -239,7 +239,8 @@ def run(case: Case, folder: Path, levels: list[int], requests: int, rounds: int,
         for s in SERVERS:
             load(bases[s], s, case, str(folder), 1, 1, offset=WARM_SEED)
             settle(servers[s].proc)
-        for clients, r, offset, order in schedule(levels, requests, rounds):
+        plan = schedule(levels, requests, rounds)
+        for clients, r, offset, order in plan:
             for s in order:
                 # the other server idles during this round: what CPU it uses anyway is noise here
                 other = servers[SERVERS[1 - SERVERS.index(s)]].proc
@@ -251,7 +252,7 @@ def run(case: Case, folder: Path, levels: list[int], requests: int, rounds: int,
                 print(f"  {case.name} {s:>5} {clients:>3} clients, round {r + 1}: {len(done) / wall:.2f} req/s",
                       flush=True)  # fmt: skip
         if case.dtype == "fp32":  # the first round's requests again, one at a time: what batching changes
-            firsts = [(c, o) for c, r, o, _ in schedule(levels, requests, rounds) if r == 0]
+            firsts = [(c, o) for c, r, o, _ in plan if r == 0]
             results["alone"] = {
                 s: {seed: record for c, o in firsts
                     for seed, record in load(bases[s], s, case, str(folder), 1, c * requests, o)[0].items()}

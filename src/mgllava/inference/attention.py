@@ -35,8 +35,9 @@ these do not implement (logit softcapping, sinks, position biases) go to transfo
 Compiling: `enable_decode_kernel` (the engine calls it for a bf16 model on the CPU) compiles the graphs a
 server needs before the first request (one row, if it pays, and several; contiguous K/V, strided ones, strided
 from storage offset 0: 3-6 graphs, 10-30 s on 2 cores the first time, about 5 s once inductor's on-disk cache
-holds them) and checks them against the fallback; a torch without inductor or a machine without a C++
-compiler leaves the layers on the fallback, with the reason logged. dynamo keys graphs on the calling
+holds them) and checks them against the fallback, or with `compile=False` only marks the layers, which
+take the fallback until `warm_decode_kernel` has compiled and checked them; a torch without inductor or a
+machine without a C++ compiler leaves the layers on the fallback, with the reason logged. dynamo keys graphs on the calling
 thread's intra-op thread count, so a model thread with another count compiles them again
 (`warm_decode_kernel`, which the batcher's worker runs before its first request); the code itself reads the
 OpenMP team's size when it runs (`cpp.dynamic_threads`). A call that fails later (a graph that fails to

@@ -158,7 +158,8 @@ class Engine:
         # both schedulers: mixed steps (continuous) and bf16 decode attention on the CPU (inference/attention.py)
         install_packed(model.language_model)
         # bf16 models on the CPU only (`enable_decode_kernel` says why not, and logs only a failed compile)
-        self._kernel = decode_kernel and enable_decode_kernel(model.language_model, compile=warm) is None
+        if decode_kernel:
+            enable_decode_kernel(model.language_model, compile=warm)
         # the CPU's fp32/bf16 linear layers with oneDNN-packed weights (inference/linear.py: 2-3x MKL's fp32 rate)
         self.packed_linears = pack_linears(model) if pack_linear else 0
         use_prefixes = scheduling == "continuous" and prefix_cache_bytes > 0
@@ -175,15 +176,14 @@ class Engine:
         """Compile the decode kernel for the calling thread (`attention.warm_decode_kernel`): a thread that
         will run the model with other thread settings than the one that built the engine calls this first
         (the batcher's worker does, once it has set its threads)."""
-        if self._kernel:
-            with self._model_lock, torch.no_grad():
-                warm_decode_kernel(self.model.language_model)
+        with self._model_lock, torch.no_grad():
+            warm_decode_kernel(self.model.language_model)  # nothing to do where no layer takes the kernel
 
     @property
     def decode_kernel(self) -> bool:
         """Whether bf16 decode steps take the compiled attention kernel now (False before a pending kernel's
         `warm_up`, and after a failure turned it off for the process)."""
-        return self._kernel and decode_kernel_on(self.model.language_model)
+        return decode_kernel_on(self.model.language_model)
 
     @classmethod
     def from_pretrained(

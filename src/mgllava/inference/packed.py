@@ -20,7 +20,7 @@ plain forward, `generate`, the static engine) goes to `<impl>` unchanged (for sd
 which is transformers' sdpa function but for bf16 decode steps on the CPU); a mixed step passes `packed=`
 its `PackedCache` through the model's keyword arguments, which reach every attention call and cache update.
 Each part of a mixed step's attention is computed by transformers' sdpa function with a 4-D boolean mask (bf16
-decode rows on the CPU: `attention.decode_attention`, the plain decode step's call), so with sdpa (the
+decode rows on the CPU: `attention.decode_aware_sdpa`, the plain decode step's call), so with sdpa (the
 default) a decoding row's attention is the plain decode step's call; with another
 implementation (eager, flash, flex) the parts still use sdpa, whose masks those do not take in this form. A sliding window (`sliding_window` passed by Mistral-style
 attention) is applied to both parts, in positions.
